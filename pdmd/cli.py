@@ -1,0 +1,51 @@
+"""The `pdmd` command line.
+
+Subcommands are registered in ``SUBCOMMANDS`` as (name, module, help). Each module provides
+``add_arguments(parser)`` and ``run(args) -> int``; modules are imported only when their subcommand
+runs (or when ``--help`` of that subcommand is asked for), so ``pdmd --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from pdmd import __version__
+
+SUBCOMMANDS: list[tuple[str, str, str]] = [
+    ("demo", "pdmd.demo", "run the whole method on CPU with tiny models (the README's first command)"),
+]
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """Build the parser; only the chosen subcommand's module is imported."""
+    parser = argparse.ArgumentParser(
+        prog="pdmd",
+        description="Phased DMD: distill flow-matching diffusion transformers into few-step generators.",
+    )
+    parser.add_argument("--version", action="version", version=f"phased-dmd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
+    for name, module, help_text in SUBCOMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == chosen:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "_run", None) is None:
+        parser.print_help()
+        return 0 if not argv else 2
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""`pdmd demo`: placeholder wiring until the demo issue lands (see docs)."""

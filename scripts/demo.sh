@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The README's first command: set up .venv if needed and run the demo on its embedded default.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+OMP_NUM_THREADS=1 exec "${PDMD_VENV:-.venv}/bin/pdmd" demo "$@"

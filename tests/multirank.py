@@ -1,0 +1,132 @@
+"""Run a function on N gloo ranks in fresh processes and collect what each returns.
+
+Why a harness of our own: pytest cannot fork into a torch.distributed job, and a failure on one rank
+usually leaves the others blocked in a collective. Here the first failure is reported with that rank's
+traceback, the other ranks are killed after a short grace period, and a job that hangs is killed at
+``timeout`` instead of blocking CI.
+
+Usage::
+
+    def body(rank, world_size, x):       # module-level, so spawn can import it
+        ...                               # torch.distributed is initialised (gloo)
+        return something_picklable
+
+    results = run_ranks(body, 2, x)       # [result_rank0, result_rank1]
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import torch.multiprocessing as mp
+
+
+class RankFailure(AssertionError):
+    """A rank raised, or the job timed out; the message carries the rank's traceback."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child(fn, rank, world_size, port, args, kwargs, results, init_pg):
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
+    )
+    try:
+        import datetime
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        torch.manual_seed(1234)
+        if init_pg:
+            dist.init_process_group("gloo", rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=120))
+        out = fn(rank, world_size, *args, **kwargs)
+        results.put((rank, "ok", out))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def run_ranks(
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 240.0,
+    init_process_group: bool = True,
+    **kwargs: Any,
+) -> list[Any]:
+    """Run ``fn(rank, world_size, *args, **kwargs)`` on ``world_size`` spawned gloo ranks.
+
+    Returns the per-rank results in rank order. Raises RankFailure with the first failing rank's
+    traceback, or naming the ranks that had not finished when ``timeout`` seconds ran out.
+    """
+    if not 1 <= world_size <= 4:
+        raise ValueError(f"world_size={world_size}: tests use 1 to 4 ranks on this machine")
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [
+        ctx.Process(target=_child, args=(fn, r, world_size, port, args, kwargs, results, init_process_group),
+                    daemon=True)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    out: dict[int, Any] = {}
+    import time
+
+    deadline = time.monotonic() + timeout
+    failure: str | None = None
+    try:
+        while len(out) < world_size:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                missing = sorted(set(range(world_size)) - set(out))
+                failure = failure or f"timed out after {timeout:.0f}s; ranks still running: {missing}"
+                break
+            try:
+                rank, status, value = results.get(timeout=min(remaining, 1.0))
+            except queue.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in out and not p.is_alive()
+                        and p.exitcode not in (0, None)]
+                if dead and failure is None:
+                    failure = f"rank(s) {dead} died with exit codes {[procs[r].exitcode for r in dead]}"
+                    deadline = min(deadline, time.monotonic() + 5.0)
+                continue
+            if status == "error" and failure is None:
+                failure = f"rank {rank} of {world_size} failed:\n{value}"
+                deadline = min(deadline, time.monotonic() + 5.0)  # grace for the others, then kill
+            out[rank] = value
+    finally:
+        for p in procs:
+            p.join(timeout=0.5 if failure else 10.0)
+            if p.is_alive():
+                p.kill()
+                p.join()
+    if failure:
+        raise RankFailure(failure)
+    return [out[r] for r in range(world_size)]

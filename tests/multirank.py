@@ -17,6 +17,7 @@ Usage::
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import socket
 import traceback
@@ -58,7 +59,9 @@ def _child(fn, rank, world_size, port, args, kwargs, results, init_pg):
             dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=120))
         out = fn(rank, world_size, *args, **kwargs)
-        results.put((rank, "ok", out))
+        # Plain pickle copies tensors by value: torch's queue pickler would pass file descriptors that
+        # die with this process.
+        results.put((rank, "ok", pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report everything to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -91,7 +94,7 @@ def run_ranks(
     port = free_port()
     procs = [
         ctx.Process(target=_child, args=(fn, r, world_size, port, args, kwargs, results, init_process_group),
-                    daemon=True)
+                    daemon=False)  # ranks may start children (checkpoint writers, loaders)
         for r in range(world_size)
     ]
     for p in procs:
@@ -120,7 +123,7 @@ def run_ranks(
             if status == "error" and failure is None:
                 failure = f"rank {rank} of {world_size} failed:\n{value}"
                 deadline = min(deadline, time.monotonic() + 5.0)  # grace for the others, then kill
-            out[rank] = value
+            out[rank] = pickle.loads(value) if status == "ok" else value
     finally:
         for p in procs:
             p.join(timeout=0.5 if failure else 10.0)

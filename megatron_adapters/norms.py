@@ -1,0 +1,36 @@
+"""Normalisation layers that are correct under Megatron's sequence parallelism.
+
+Megatron-core's torch fallback norm refuses sequence parallel (Apex/TE ones are GPU-only). Under SP
+each tensor-parallel rank normalises a different slice of the sequence, so the norm's weight and bias
+get partial gradients; tagging them ``sequence_parallel`` makes ``finalize_model_grads`` all-reduce
+those gradients over the TP group, which is exactly what TE's norms rely on too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class SequenceParallelNorm(torch.nn.Module):
+    """LayerNorm or RMSNorm (``config.normalization``) built the way Megatron builds its norms."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
+                 bias: bool = True) -> None:
+        super().__init__()
+        self.kind = getattr(config, "normalization", "LayerNorm")
+        if self.kind not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"normalization={self.kind!r}: SequenceParallelNorm supports LayerNorm and RMSNorm")
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+        use_bias = elementwise_affine and bias and self.kind == "LayerNorm"
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size)) if use_bias else None
+        sp = bool(getattr(config, "sequence_parallel", False))
+        for p in self.parameters():
+            p.sequence_parallel = sp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "RMSNorm":
+            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
+        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)

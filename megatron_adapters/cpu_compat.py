@@ -30,7 +30,7 @@ class Redirection:
     name: str
     reason: str
     sites: tuple[str, ...]  # megatron.core modules that make the call
-    pattern: str  # text of the call as it appears in those modules
+    pattern: str  # regular expression matching the call as it appears in those modules
     apply: Callable[[], None]
 
 
@@ -118,7 +118,7 @@ REDIRECTIONS: tuple[Redirection, ...] = (
         "allocate with a literal device='cuda' (pinned memory needs CUDA too): allocate on CPU instead",
         ("megatron.core.pipeline_parallel.schedules", "megatron.core.optimizer.clip_grads",
          "megatron.core.transformer.utils", "megatron.core.dist_checkpointing.exchange_utils"),
-        "device=",
+        r"device=['\"]cuda['\"]",
         _redirect_factories,
     ),
     Redirection(
@@ -126,28 +126,28 @@ REDIRECTIONS: tuple[Redirection, ...] = (
         "used as the device of parameters, buffers and activations in ~20 places: that device is the CPU",
         ("megatron.core.transformer.dot_product_attention", "megatron.core.tensor_parallel.layers",
          "megatron.core.distributed.param_and_grad_buffer"),
-        "torch.cuda.current_device()",
+        r"torch\.cuda\.current_device\(\)",
         _redirect_current_device,
     ),
     Redirection(
         "torch.cuda.synchronize",
         "waits for queued kernels before p2p/checkpoint steps; CPU ops are synchronous",
         ("megatron.core.pipeline_parallel.p2p_communication", "megatron.core.parallel_state"),
-        "torch.cuda.synchronize()",
+        r"torch\.cuda\.synchronize\(\)",
         _redirect_synchronize,
     ),
     Redirection(
         "torch.cuda.current_stream / default_stream",
         "grad-buffer communication orders itself against the compute stream; CPU has one ordered stream",
         ("megatron.core.distributed.param_and_grad_buffer",),
-        "torch.cuda.default_stream()",
+        r"torch\.cuda\.default_stream\(\)",
         _redirect_streams,
     ),
     Redirection(
         "Tensor.cuda",
         "moves tensors to the GPU before collectives and in the optimizer; on CPU they are already there",
         ("megatron.core.optimizer.optimizer", "megatron.core.dist_checkpointing.exchange_utils"),
-        ".cuda()",
+        r"\.cuda\(\)",
         _redirect_tensor_cuda,
     ),
     Redirection(
@@ -155,7 +155,7 @@ REDIRECTIONS: tuple[Redirection, ...] = (
         "the model-parallel RNG tracker forks the CUDA generator (attention always forks it, even with "
         "dropout 0); on CPU the default CPU generator plays that role",
         ("megatron.core.tensor_parallel.random",),
-        "torch.cuda.get_rng_state()",
+        r"torch\.cuda\.get_rng_state\(\)",
         _redirect_rng,
     ),
 )

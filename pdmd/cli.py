@@ -16,6 +16,7 @@ from pdmd import __version__
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.demo", "run the whole method on CPU with tiny models (the README's first command)"),
+    ("toy-1d", "pdmd.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
 ]
 
 

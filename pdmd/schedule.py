@@ -30,13 +30,19 @@ _GRID_TOL = 1e-6
 # ---------------------------------------------------------------------------------------------------
 # validation and broadcasting helpers
 # ---------------------------------------------------------------------------------------------------
+def _fmt(value: float, dtype: torch.dtype = torch.float64) -> str:
+    """A number for an error message: repr for float64, 7 digits for lower precision (no 0.200000003)."""
+    return repr(float(value)) if dtype == torch.float64 else f"{float(value):.7g}"
+
+
 def _first_bad(value: Time, ok: Tensor) -> str:
     """Describe the first element of ``value`` where ``ok`` is False (for error messages)."""
-    if not isinstance(value, Tensor) or value.dim() == 0:
-        return f"{float(value)!r}"
-    ok = ok.expand(value.shape) if ok.shape != value.shape else ok
+    if not isinstance(value, Tensor):
+        return _fmt(value)
+    if value.dim() == 0:
+        return _fmt(value, value.dtype)
     idx = int((~ok).flatten().nonzero()[0])
-    return f"{float(value.flatten()[idx])!r} (at index {idx})"
+    return f"{_fmt(value.flatten()[idx], value.dtype)} (at index {idx})"
 
 
 def check_time(name: str, value: Time, *, low: float = 0.0, high: float = 1.0,
@@ -54,6 +60,7 @@ def check_s_t(s: Time, t: Time) -> None:
     """Validate a subinterval: 0 <= s < t <= 1 elementwise (b = 0 at t == s, so t must exceed s)."""
     check_time("s", s, high_open=True)
     check_time("t", t, low_open=True)
+    s_dtype, t_dtype = (v.dtype if isinstance(v, Tensor) else torch.float64 for v in (s, t))
     sv, tv = (torch.as_tensor(v.detach() if isinstance(v, Tensor) else float(v), dtype=torch.float64)
               for v in (s, t))
     sv, tv = torch.broadcast_tensors(sv.to(tv.device), tv)
@@ -63,7 +70,7 @@ def check_s_t(s: Time, t: Time) -> None:
         where = f" at index {idx}" if ok.dim() else ""
         raise ValueError(
             "t must be strictly greater than s (re-noise goes from s up to t); "
-            f"got t={float(tv.flatten()[idx])!r} <= s={float(sv.flatten()[idx])!r}{where}"
+            f"got t={_fmt(tv.flatten()[idx], t_dtype)} <= s={_fmt(sv.flatten()[idx], s_dtype)}{where}"
         )
 
 

@@ -182,14 +182,15 @@ def dmd_x0_loss(x_gen: Tensor, x0_real: Tensor, x0_fake: Tensor,
 # classifier-free guidance for the real score
 # ---------------------------------------------------------------------------------------------------
 def cfg_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
-    """v_uncond + scale (v_cond - v_uncond). Scale 1 is the conditional velocity (no guidance).
+    """v_uncond + scale (v_cond - v_uncond), written as v_cond + (scale - 1)(v_cond - v_uncond) so that
+    scale 1 returns exactly the conditional velocity (no guidance; a trainer may skip the uncond pass).
 
     The paper does not state its distillation CFG scale; LightX2V's Wan2.2-A14B recipe uses 4.0.
     """
     _check_same_shape(v_cond, v_uncond=v_uncond)
     if not (isinstance(scale, numbers.Real) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"CFG scale must be a finite number >= 0 (1 = no guidance); got scale={scale!r}")
-    return v_uncond + scale * (v_cond - v_uncond)
+    return v_cond + (scale - 1) * (v_cond - v_uncond)
 
 
 def _check_positive(name: str, value: float) -> None:

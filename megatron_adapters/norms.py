@@ -31,6 +31,9 @@ class SequenceParallelNorm(torch.nn.Module):
             p.sequence_parallel = sp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 whatever the activation dtype (as diffusers' FP32LayerNorm and TE's norms do).
+        w = None if self.weight is None else self.weight.float()
         if self.kind == "RMSNorm":
-            return F.rms_norm(x, (self.hidden_size,), self.weight, self.eps)
-        return F.layer_norm(x, (self.hidden_size,), self.weight, self.bias, self.eps)
+            return F.rms_norm(x.float(), (self.hidden_size,), w, self.eps).to(x.dtype)
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), (self.hidden_size,), w, b, self.eps).to(x.dtype)

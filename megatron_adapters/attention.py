@@ -1,0 +1,90 @@
+"""Attention pieces shared by our DiTs: exact context-parallel SDPA and a q/k RMSNorm over all heads.
+
+``SDPAttention`` is the local (torch-only) core attention: bidirectional, with an optional key mask,
+through ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels where torch has them, also
+on CPU). Under context parallelism each rank keeps its queries and all-gathers keys and values over the
+CP group (exact; gradients flow back to the rank that owns each key). Transformer Engine's attention
+replaces it in the TE spec.
+
+``AllHeadsRMSNorm`` is Wan's q/k norm: RMS over the WHOLE hidden dim (all heads together). Under TP a
+rank holds only some heads, so the sum of squares is all-reduced over TP; a per-rank norm would be a
+different function (``tests/test_wan_model.py`` shows it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+from megatron_adapters.comm import all_gather_for_shared_use, all_reduce_sum
+
+
+def _cp_group():
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
+def _tp_group():
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+class SDPAttention(MegatronModule):
+    """Core attention on [s, b, heads, head_dim] tensors; returns [s, b, heads * head_dim].
+
+    ``gather_kv_over_cp``: self-attention keys/values are sharded over CP ranks and must be gathered;
+    cross-attention keys/values (text, image context) are replicated and must not be.
+    """
+
+    def __init__(self, config, gather_kv_over_cp: bool = True) -> None:
+        super().__init__(config)
+        self.gather_kv_over_cp = gather_kv_over_cp
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.gather_kv_over_cp:
+            group = _cp_group()
+            key = all_gather_for_shared_use(key, 0, group)
+            value = all_gather_for_shared_use(value, 0, group)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+        mask = None
+        if key_mask is not None:  # [b, s_k] True = attend
+            mask = key_mask[:, None, None, :].to(torch.bool)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        s, b = query.shape[0], query.shape[1]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+
+
+class AllHeadsRMSNorm(MegatronModule):
+    """RMSNorm over all heads' channels, with this TP rank's slice of the weight.
+
+    Input [..., local_heads * head_dim]; the weight is TP-sharded along its only dim (heads), matching
+    how Column-parallel Q/K projections split heads.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__(config)
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        if hidden_size % tp:
+            raise ValueError(f"q/k norm width {hidden_size} does not split over tp={tp}")
+        self.full_size = hidden_size
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp))
+        self.weight.tensor_model_parallel = True
+        self.weight.partition_dim = 0
+        self.weight.partition_stride = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        sumsq = all_reduce_sum(x32.pow(2).sum(-1, keepdim=True), _tp_group())
+        y = x32 * torch.rsqrt(sumsq / self.full_size + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        state = self.state_dict(prefix="", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 0}, sharded_offsets)

@@ -23,13 +23,11 @@ NUM_TRAIN_TIMESTEPS = 1000
 RENOISE_MODES = ("reverse_nested", "disjoint")
 Time = float | Tensor
 
-# Boundaries given in a config are matched to the step grid within this tolerance (then snapped).
+# Interior boundaries given in a config are matched to the step grid within this tolerance (then snapped).
 _GRID_TOL = 1e-6
 
 
-# ---------------------------------------------------------------------------------------------------
-# validation and broadcasting helpers
-# ---------------------------------------------------------------------------------------------------
+# --- validation and broadcasting helpers -----------------------------------------------------------
 def _fmt(value: float, dtype: torch.dtype = torch.float64) -> str:
     """A number for an error message: repr for float64, 7 digits for lower precision (no 0.200000003)."""
     return repr(float(value)) if dtype == torch.float64 else f"{float(value):.7g}"
@@ -74,6 +72,19 @@ def check_s_t(s: Time, t: Time) -> None:
         )
 
 
+def check_int(name: str, value: Any, minimum: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) >= ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}; got {name}={value!r}")
+
+
+def _check_decreasing(name: str, values: Sequence[float]) -> None:
+    for i in range(1, len(values)):
+        if not values[i] < values[i - 1]:
+            raise ValueError(f"{name} must be strictly decreasing; got {name}[{i - 1}]={values[i - 1]!r} "
+                             f"then {name}[{i}]={values[i]!r}")
+
+
 def coefficient(value: Time, x: Tensor, name: str = "t") -> Tensor:
     """``value`` as a float64 tensor on x's device that broadcasts over ``x``: [] stays, [B] -> [B, 1, ...].
 
@@ -102,9 +113,7 @@ def work_dtype(*xs: Tensor) -> torch.dtype:
     return dtype
 
 
-# ---------------------------------------------------------------------------------------------------
-# flow-matching conventions
-# ---------------------------------------------------------------------------------------------------
+# --- flow-matching conventions ---------------------------------------------------------------------
 def add_noise(x0: Tensor, eps: Tensor, t: Time) -> Tensor:
     """x_t = (1 - t) x0 + t eps, in x0's dtype."""
     check_time("t", t)
@@ -168,8 +177,7 @@ def few_step_timesteps(num_steps: int, shift: float = 1.0,
     The sampler then steps each start time to the next and the last one to t = 0.
     """
     if uniform_points is None:
-        if not isinstance(num_steps, int) or isinstance(num_steps, bool) or num_steps < 1:
-            raise ValueError(f"num_steps must be an integer >= 1; got num_steps={num_steps!r}")
+        check_int("num_steps", num_steps)
         uniform_points = [1 - i / num_steps for i in range(num_steps)]
     elif len(uniform_points) != num_steps:
         raise ValueError(f"uniform_points has {len(uniform_points)} entries but num_steps={num_steps!r}")
@@ -179,23 +187,15 @@ def few_step_timesteps(num_steps: int, shift: float = 1.0,
 
 
 def _check_timesteps(times: Sequence[float]) -> None:
-    if len(times) == 0:
-        raise ValueError("timesteps is empty; a sampler needs at least one step")
-    if abs(times[0] - 1.0) > _GRID_TOL:
-        raise ValueError(f"the first timestep must be 1 (pure noise); got timesteps[0]={times[0]!r}")
+    if len(times) == 0 or times[0] != 1.0:
+        raise ValueError(f"timesteps must start at 1 (pure noise); got timesteps={list(times)!r}")
     for i, t in enumerate(times):
         if not (0.0 < t <= 1.0):
             raise ValueError(f"timesteps must lie in (0, 1]; got timesteps[{i}]={t!r}")
-        if i and not t < times[i - 1]:
-            raise ValueError(
-                f"timesteps must be strictly decreasing; got timesteps[{i - 1}]={times[i - 1]!r} "
-                f"then timesteps[{i}]={t!r}"
-            )
+    _check_decreasing("timesteps", times)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the Markov transition between two noise levels
-# ---------------------------------------------------------------------------------------------------
+# --- the Markov transition between two noise levels ------------------------------------------------
 def transition(s: Time, t: Time) -> tuple[Time, Time]:
     """(a, b) of the conditional kernel x_t = a x_s + b eps for 0 <= s < t <= 1.
 
@@ -223,9 +223,7 @@ def renoise(x_s: Tensor, eps: Tensor, s: Time, t: Time) -> Tensor:
     return (a.to(dtype) * x_s + b.to(dtype) * eps).to(x_s.dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
-# the phase plan
-# ---------------------------------------------------------------------------------------------------
+# --- the phase plan --------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PhasePlan:
     """How the few-step sampler is split into phases, and where each phase re-noises.
@@ -265,27 +263,19 @@ class PhasePlan:
         object.__setattr__(self, "renoise_shift", float(self.renoise_shift))
         if not (isinstance(self.min_gap, numbers.Real) and 0.0 <= self.min_gap < 1.0):
             raise ValueError(f"min_gap must be a number in [0, 1); got min_gap={self.min_gap!r}")
-        object.__setattr__(self, "renoise_clamp", self._checked_clamp(self.renoise_clamp))
+        clamp = self.renoise_clamp
+        if clamp is not None:
+            if isinstance(clamp, str | bytes) or len(clamp) != self.num_phases:
+                raise ValueError(f"renoise_clamp needs one entry per phase ({self.num_phases}), each null or "
+                                 f"[lo, hi]; got renoise_clamp={clamp!r}")
+            for k, c in enumerate(clamp, start=1):
+                if c is not None and (len(c) != 2 or not 0.0 <= float(c[0]) < float(c[1]) <= 1.0):
+                    raise ValueError(f"renoise_clamp for phase {k} must be [lo, hi] with 0 <= lo < hi <= 1; "
+                                     f"got {c!r}")
+            clamp = tuple(None if c is None else (float(c[0]), float(c[1])) for c in clamp)
+        object.__setattr__(self, "renoise_clamp", clamp)
         for k in self.phases:
             self.renoise_interval(k)  # raises if a clamp or min_gap empties the interval
-
-    def _checked_clamp(self, clamp: Any) -> tuple[tuple[float, float] | None, ...] | None:
-        if clamp is None:
-            return None
-        if isinstance(clamp, str | bytes) or len(clamp) != self.num_phases:
-            raise ValueError(
-                f"renoise_clamp needs one entry per phase ({self.num_phases}), each null or [lo, hi]; "
-                f"got renoise_clamp={clamp!r}"
-            )
-        out: list[tuple[float, float] | None] = []
-        for k, c in enumerate(clamp, start=1):
-            if c is None:
-                out.append(None)
-                continue
-            if len(c) != 2 or not (0.0 <= float(c[0]) < float(c[1]) <= 1.0):
-                raise ValueError(f"renoise_clamp for phase {k} must be [lo, hi] with 0 <= lo < hi <= 1; got {c!r}")
-            out.append((float(c[0]), float(c[1])))
-        return tuple(out)
 
     # --- structure -------------------------------------------------------------------------------
     @property
@@ -332,7 +322,7 @@ class PhasePlan:
 
     def phase_of_step(self, step: int) -> int:
         """The phase (1-based) whose expert takes step ``step`` (0-based)."""
-        if not isinstance(step, int) or not 0 <= step < self.num_steps:
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < self.num_steps:
             raise ValueError(f"step must be an integer in 0..{self.num_steps - 1}; got step={step!r}")
         return next(k for k in self.phases if step in self.steps_in_phase(k))
 
@@ -346,10 +336,8 @@ class PhasePlan:
             lo, hi = max(lo, clamp[0]), min(hi, clamp[1])
         lo = max(lo, s + self.min_gap)
         if not lo < hi:
-            raise ValueError(
-                f"phase {k}: the re-noise interval is empty ({self.renoise} interval from s={s:g}, "
-                f"clamp={clamp}, min_gap={self.min_gap:g}); widen renoise_clamp or lower min_gap"
-            )
+            raise ValueError(f"phase {k}: the re-noise interval is empty ({self.renoise} interval from "
+                             f"s={s:g}, clamp={clamp}, min_gap={self.min_gap:g}); widen renoise_clamp or lower min_gap")
         return lo, hi
 
     def sample_renoise_t(self, k: int, u: Tensor) -> Tensor:
@@ -371,8 +359,7 @@ class PhasePlan:
         u is drawn in float64 on the generator's device as 1 - U[0, 1), i.e. in (0, 1], and the result is
         moved to ``device``: the same generator state gives the same t on every rank and device.
         """
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be an integer >= 1; got batch_size={batch_size!r}")
+        check_int("batch_size", batch_size)
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float32 or torch.float64; got dtype={dtype}")
         gen_device = generator.device if generator is not None else torch.device("cpu")
@@ -461,12 +448,10 @@ _CONFIG_KEYS = {
 
 
 def _equal_split(num_steps: int, num_phases: Any) -> list[int]:
-    if not isinstance(num_phases, int) or isinstance(num_phases, bool) or num_phases < 1:
-        raise ValueError(f"num_phases must be an integer >= 1; got num_phases={num_phases!r}")
+    check_int("num_phases", num_phases)
     if num_steps % num_phases:
-        raise ValueError(
-            f"num_phases={num_phases} does not divide num_steps={num_steps}; give steps_per_phase instead"
-        )
+        raise ValueError(f"num_phases={num_phases} does not divide num_steps={num_steps}; "
+                         "give steps_per_phase instead")
     return [num_steps // num_phases] * num_phases
 
 
@@ -474,8 +459,7 @@ def _boundaries_from_steps(times: Sequence[float], steps_per_phase: Sequence[int
     """Boundaries 1, ..., 0 from consecutive step counts per phase (each >= 1, summing to the steps)."""
     counts = list(steps_per_phase)
     for k, n in enumerate(counts, start=1):
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise ValueError(f"steps_per_phase must hold integers >= 1; got {n!r} for phase {k}")
+        check_int(f"steps_per_phase[{k - 1}] (phase {k})", n)
     if sum(counts) != len(times):
         raise ValueError(f"steps_per_phase={counts} sums to {sum(counts)} but there are {len(times)} steps")
     starts = [sum(counts[:k]) for k in range(1, len(counts))]
@@ -487,21 +471,14 @@ def _snap_boundaries(boundaries: Sequence[float], times: Sequence[float]) -> tup
     b = [float(x) for x in boundaries]
     if len(b) < 2:
         raise ValueError(f"boundaries need at least [1, 0] (one phase); got boundaries={b!r}")
-    if abs(b[0] - 1.0) > _GRID_TOL or abs(b[-1]) > _GRID_TOL:
+    if b[0] != 1.0 or b[-1] != 0.0:
         raise ValueError(f"boundaries must start at 1 and end at 0; got boundaries={b!r}")
-    for i in range(1, len(b)):
-        if not b[i] < b[i - 1]:
-            raise ValueError(
-                f"boundaries must be strictly decreasing; got boundaries[{i - 1}]={b[i - 1]!r} "
-                f"then boundaries[{i}]={b[i]!r}"
-            )
+    _check_decreasing("boundaries", b)
     snapped = [1.0]
     for i, x in enumerate(b[1:-1], start=1):
         match = [t for t in times if abs(t - x) <= _GRID_TOL]
         if not match:
-            raise ValueError(
-                f"boundaries[{i}]={x!r} is not one of the step start times {list(times)}; "
-                "a phase must start where a step starts"
-            )
+            raise ValueError(f"boundaries[{i}]={x!r} is not one of the step start times {list(times)}; "
+                             "a phase must start where a step starts")
         snapped.append(match[0])
     return (*snapped, 0.0)

@@ -235,11 +235,11 @@ def format_table(result: ToyResult) -> str:
         f"({c.steps} steps x batch {c.batch}, width {c.width}, {c.euler_steps}-step Euler over [0, 1], "
         f"seed {c.seed})",
         "",
-        f"{'target':<12} {'mean |v - v*|':>14} {f'W1 at t={c.s:g}':>11}   atom weights at t=0 ({atoms})",
+        f"{'target':<12} {'mean |v - v*|':>15} {f'W1 at t={c.s:g}':>13}   atom weights at t=0 ({atoms})",
     ]
     for row in result.rows.values():
         weights = " ".join(f"{w:.3f}" for w in row.weights_at_0)
-        lines.append(f"{row.name:<12} {row.velocity_error:>14.4f} {row.w1_at_s:>11.4f}   {weights}")
+        lines.append(f"{row.name:<12} {row.velocity_error:>15.4f} {row.w1_at_s:>13.4f}   {weights}")
     lines += [
         "",
         f"velocity error ratio subinterval / naive: {result.error_ratio:.3f} (the test requires <= 0.2)",

@@ -201,7 +201,7 @@ def test_config_forms_agree_and_round_trip():
     ("config", "message"),
     [
         ({"num_steps": 0, "shift": 5.0}, r"num_steps must be an integer >= 1; got num_steps=0"),
-        ({"num_steps": 4, "shift": 5.0, "steps_per_phase": [2, 0, 2]}, r"got 0 for phase 2"),
+        ({"num_steps": 4, "shift": 5.0, "steps_per_phase": [2, 0, 2]}, r"steps_per_phase\[1\] \(phase 2\) must be an integer >= 1; got .*=0"),
         ({"num_steps": 4, "shift": 5.0, "steps_per_phase": [2, 1]}, r"sums to 3 but there are 4 steps"),
         ({"num_steps": 4, "shift": 5.0, "num_phases": 3}, r"num_phases=3 does not divide num_steps=4"),
         ({"num_steps": 4, "shift": 5.0, "boundaries": [1, 0.625, 0.8333333333, 0]},
@@ -209,7 +209,7 @@ def test_config_forms_agree_and_round_trip():
         ({"num_steps": 4, "shift": 5.0, "boundaries": [1, 0.8, 0]}, r"boundaries\[1\]=0.8 is not one of"),
         ({"num_steps": 4, "shift": 5.0, "boundaries": [1, 0.625]}, r"must start at 1 and end at 0"),
         ({"timesteps": [1.0, 0.5, 0.7]}, r"timesteps must be strictly decreasing; got timesteps\[1\]=0.5"),
-        ({"timesteps": [0.9, 0.5]}, r"first timestep must be 1"),
+        ({"timesteps": [0.9, 0.5]}, r"timesteps must start at 1 \(pure noise\); got timesteps=\[0.9, 0.5\]"),
         ({"num_steps": 4, "shift": -1.0}, r"shift must be a finite number > 0 .*; got shift=-1.0"),
         ({"num_steps": 4, "shift": 5.0, "renoise": "nested"}, r"renoise must be one of .*got renoise='nested'"),
         ({"num_steps": 4, "shift": 5.0, "num_phases": 2, "renoise_clamp": [[0.875, 1.0]]},

@@ -54,6 +54,7 @@ class PromptDataConfig:
     expected_hash: str | None = None  # refuse a dataset whose index hash differs (e.g. the one a run started on)
     prefetch_factor: int = 2
     pin_memory: bool = False
+    worker_start_method: str | None = None  # DataLoader workers: None = torch's default (fork on Linux), or spawn
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PromptDataConfig:
@@ -79,6 +80,8 @@ class PromptDataConfig:
             raise bad("max_bad_shard_fraction", "must lie in [0, 1]")
         if self.max_length is not None and self.max_length < 1:
             raise bad("max_length", "must be positive")
+        if self.worker_start_method not in (None, "fork", "spawn", "forkserver"):
+            raise bad("worker_start_method", "must be fork, spawn or forkserver (or unset)")
         if self.url_template is not None and "{name}" not in self.url_template:
             raise bad("url_template", "must contain {name}, replaced by each shard's file name")
 
@@ -238,7 +241,8 @@ class PromptLoader:
             return iter(stream)
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=c.num_workers,
                                              prefetch_factor=c.prefetch_factor, pin_memory=c.pin_memory,
-                                             worker_init_fn=set_worker_threads)
+                                             worker_init_fn=set_worker_threads,
+                                             multiprocessing_context=c.worker_start_method)
         return iter(loader)
 
     def _record_corrupt(self, reports: list[tuple[str, str]]) -> None:

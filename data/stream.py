@@ -128,7 +128,9 @@ class _Worker:
                     self._filler = got[0]
                     break
             else:
-                raise RuntimeError("every shard of the dataset is corrupt: rebuild it with tools/make_prompt_shards.py")
+                first = next(iter(self.corrupt.items()))
+                raise RuntimeError(f"every shard of the dataset is unreadable (shard {first[0]}: {first[1]}): check "
+                                   "the paths or URLs, or rebuild the dataset with tools/make_prompt_shards.py")
         return self._filler
 
 

@@ -3,8 +3,9 @@
 Full tensors in, full tensors out: ``forward(latents [B,C,F,H,W], timestep [B] or [B,S], text [B,L,Dt])``
 returns the velocity [B,C,F,H,W] on the last pipeline stage (hidden states [s, B, D] elsewhere).
 Inside, tokens are split over context-parallel ranks (contiguous slices) and, with sequence
-parallelism, over tensor-parallel ranks; they are gathered again before the output head, with
-gradients that route each token's gradient back to the rank that owns it.
+parallelism, over tensor-parallel ranks. SP shards are gathered before the output head; CP shards
+after it (the head's output is small), with a backward that routes each token's gradient to the
+rank that owns it.
 
 Pipeline parallelism: stage 0 owns the patch embedding, the last stage the output head; every stage
 computes the (small) condition embedder itself from the batch, whose parameters are tagged
@@ -39,7 +40,9 @@ class WanModel(MegatronModule):
     def __init__(self, config, wan: WanConfig, layer_spec: ModuleSpec, *, pre_process: bool = True,
                  post_process: bool = True) -> None:
         super().__init__(config)
+        # What Megatron's schedules and finalize_model_grads ask of a model.
         self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = False
         self.wan = wan
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor: torch.Tensor | None = None
@@ -90,11 +93,6 @@ class WanModel(MegatronModule):
             x = scatter_to_sequence_parallel_region(x)
         return x
 
-    def _gather_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.sequence_parallel:
-            x = gather_for_replicated_use(x, 0, self._tp_group())
-        return gather_for_replicated_use(x, 0, self._cp_group())
-
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
                 image: torch.Tensor | None = None, text_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,19 +122,27 @@ class WanModel(MegatronModule):
             x = block(x, context, block_temb, rope, image_context, text_mask)
         if not self.post_process:
             return x
-        return self._head(self._gather_tokens(x), temb, grid)
+        # The head runs on this CP rank's tokens (all of them across TP); only its small output is
+        # gathered over CP, whose backward hands each rank the gradient of its own tokens. That keeps
+        # Megatron's CP convention (loss x cp in the schedule, gradients averaged over DP x CP) exact.
+        if self.config.sequence_parallel:
+            x = gather_for_replicated_use(x, 0, self._tp_group())
+        out = gather_for_replicated_use(self._head(x, temb), 0, self._cp_group())
+        return unpatchify(out, grid, self.wan.patch_size)
 
-    def _head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+    def _head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """[s, B, D] tokens of this CP rank -> [s, B, patch * C_out]."""
         table = self.scale_shift_table.float()
-        if temb.dim() == 3:  # [B, S, D] per token -> [S, B, 2, D]
-            mod = table.unsqueeze(0) + temb.float().transpose(0, 1).unsqueeze(2)
+        if temb.dim() == 3:  # [B, S, D] per token -> this CP rank's [s, B, 2, D]
+            temb = split_for_rank(temb.transpose(0, 1), 0, self._cp_group())
+            mod = table.unsqueeze(0) + temb.float().unsqueeze(2)
             shift, scale = mod[:, :, 0], mod[:, :, 1]
         else:  # [B, D]
             mod = table + temb.float().unsqueeze(1)  # [B, 2, D]
             shift, scale = mod[None, :, 0], mod[None, :, 1]
         h = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=self.wan.eps)
         h = (h * (1 + scale) + shift).to(x.dtype)
-        return unpatchify(self.proj_out(h), grid, self.wan.patch_size)
+        return self.proj_out(h)
 
     # -- checkpointing ----------------------------------------------------------------------------
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

@@ -219,7 +219,10 @@ class PromptLoader:
         return self.batches_per_epoch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        """Epoch mode: the rest of the current epoch (then the position moves to the next). Resample: endless."""
+        """Epoch mode: the rest of the current epoch (then the position moves to the next). Resample: endless.
+
+        One iterator at a time: each batch handed out advances the loader's position.
+        """
         spec = replace(self._spec, epoch=self.epoch, start=self.batch, stop=self.batches_per_epoch,
                        corrupt={i: self.corrupt_shards[s.name] for i, s in enumerate(self.shards)
                                 if s.name in self.corrupt_shards})
@@ -261,28 +264,39 @@ class PromptLoader:
                     f"{self.config.max_bad_shard_fraction}: delete the bad shards and their .json sidecars and re-run "
                     "tools/make_prompt_shards.py on the folder, or raise the fraction")
 
+    def metrics(self) -> dict[str, float]:
+        """Numbers for the trainer's W&B log (this rank's view)."""
+        return {"data/epoch": float(self.epoch), "data/batch_in_epoch": float(self.batch),
+                "data/corrupt_shards": float(len(self.corrupt_shards))}
+
     # ---- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The position (same on every data-parallel rank) plus what must not change for it to mean the same."""
         c = self.config
         return {"version": STATE_VERSION, "epoch": self.epoch, "batch": self.batch, "dataset_hash": self.hash,
                 "mode": c.mode, "seed": c.seed, "shuffle": c.shuffle, "batch_size": c.batch_size,
-                "dp_size": self.dp_size, "shards": [s.name for s in self.shards]}
+                "dp_size": self.dp_size, "selection": self._selection_hash()}
+
+    def _selection_hash(self) -> str:
+        """Which of the dataset's shards this loader reads, in order (a subset can be configured)."""
+        return hashlib.sha256("\n".join(s.name for s in self.shards).encode()).hexdigest()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume at a saved position; refuse if the data order it refers to would differ."""
         mine = self.state_dict()
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"data state version {state.get('version')} is not {STATE_VERSION}")
-        diff = [k for k in ("dataset_hash", "mode", "seed", "shuffle", "batch_size", "dp_size", "shards")
+        diff = [k for k in ("dataset_hash", "mode", "seed", "shuffle", "batch_size", "dp_size", "selection")
                 if state.get(k) != mine[k]]
         if diff:
             what = "; ".join(f"{k}: checkpoint {_short(state.get(k))} vs now {_short(mine[k])}" for k in diff)
             raise ValueError(f"cannot resume the data position exactly ({what}): the same shards, seed, mode, "
                              "batch size and data-parallel size are needed; drop the data state to start the "
                              "epoch over instead")
-        if self.batches_per_epoch is not None and not 0 <= state["batch"] < self.batches_per_epoch:
-            raise ValueError(f"data state batch {state['batch']} is outside an epoch of {self.batches_per_epoch}")
+        limit = self.batches_per_epoch if self.batches_per_epoch is not None else float("inf")
+        if not 0 <= state["batch"] < limit or state["epoch"] < 0:
+            raise ValueError(f"data state (epoch {state['epoch']}, batch {state['batch']}) is outside the dataset's "
+                             f"epochs of {self.batches_per_epoch} batches")
         self.epoch, self.batch = int(state["epoch"]), int(state["batch"])
 
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import torch
 import webdataset as wds
 from tqdm import tqdm
 
@@ -108,13 +108,17 @@ def _check_or_write_build(out: Path, settings: dict[str, Any], source: dict[str,
     if any(out.glob("shard-*.tar")):
         raise ValueError(f"{out} holds shard-*.tar files but no {BUILD}: it was not written by this tool; use an "
                          "empty --out folder")
-    import diffusers
-    import transformers
     build = {"settings": settings, "source": source,
-             "created_with": {"torch": torch.__version__, "transformers": transformers.__version__,
-                              "diffusers": diffusers.__version__, "webdataset": getattr(wds, "__version__", "?")}}
+             "created_with": {p: _version(p) for p in ("torch", "transformers", "diffusers", "webdataset")}}
     write_json_atomic(path, build)
     return build
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def _write_negative(out: Path, encoder: PromptEncoder, negative_prompt: str) -> dict[str, Any]:

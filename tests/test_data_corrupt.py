@@ -87,5 +87,5 @@ def test_shard_removed_after_open_counts_as_corrupt(clean, tmp_path):
     loader = PromptLoader(cfg(shard_dir), dp_rank=0, dp_size=1)
     (shard_dir / "shard-000007.tar").unlink()
     assert len(list(loader)) == 13
-    assert list(loader.corrupt_shards) == ["shard-000007.tar"]
+    assert list(loader.corrupt_shards) == ["shard-000007.tar"] and loader.metrics()["data/corrupt_shards"] == 1
     assert "cannot open" in loader.corrupt_shards["shard-000007.tar"]

@@ -2,14 +2,17 @@
 exact resume, per-model collation, pipeline-equal embeddings, and the checks made at open."""
 
 import json
+import pickle
 import shutil
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
 
 from data.format import index_hash
 from data.loader import PromptDataConfig, PromptLoader
+from data.stream import PromptStream
 from tests.multirank import run_ranks
 from tests.tiny_encoders import build_dataset, tiny_parts, tiny_pipeline
 
@@ -138,6 +141,15 @@ def test_qwen_batches_equal_the_pipeline_encoding(qwen):
     fixed = PromptLoader(PromptDataConfig(shards=str(shard_dir), batch_size=2, model="qwen-image", max_length=24,
                                           pad_to_max_length=True))
     assert next(iter(fixed))["text_embeds"].shape == (2, 24, 32)
+
+
+def test_streams_pickle_for_spawned_workers_and_urls_work(wan):
+    shard_dir, _ = wan
+    local = PromptLoader(cfg(shard_dir), dp_rank=1, dp_size=2)
+    piped = PromptLoader(cfg(shard_dir, url_template=f"pipe:cat {shard_dir}/{{name}}"), dp_rank=1, dp_size=2)
+    assert piped.shards[0].url.startswith("pipe:cat ")
+    stream = pickle.loads(pickle.dumps(PromptStream(replace(piped._spec, stop=piped.batches_per_epoch))))
+    assert ids(stream) == ids(piped) == ids(local)
 
 
 def test_shard_list_and_brace_pattern_select_a_subset(wan):

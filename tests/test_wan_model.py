@@ -26,54 +26,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _build(ctx, cfg_dict, state_dict):
-    from megatron_adapters.conversion import TensorReader
-    from megatron_adapters.wan.config import WanConfig, transformer_config
-    from megatron_adapters.wan.convert import load_from_diffusers
-    from megatron_adapters.wan.model import build_wan_model
-    from megatron_adapters.wan.specs import local_layer_spec
-
-    cfg = WanConfig.from_dict(cfg_dict)
-    tc = transformer_config(cfg, ctx.model_parallel_kwargs())
-    model = build_wan_model(tc, cfg, local_layer_spec())
-    load_from_diffusers(model, TensorReader(state_dict))
-    return tc, model
-
-
-def _train_step(tc, model, inp):
-    """One forward/backward through Megatron's schedule, DDP and finalize_model_grads."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
-    ddp = DistributedDataParallel(tc, DistributedDataParallelConfig(), module=model)
-    latents = inp["latents"].clone().requires_grad_(True)
-    outputs = []
-
-    def loss_fn(out):
-        outputs.append(out.detach())
-        return (out * inp["w"]).sum(), {}
-
-    def forward_step(_, m):
-        return m(latents, inp["timestep"], inp["text"], image=inp.get("image")), loss_fn
-
-    tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // 4
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],
-                                num_microbatches=1, seq_length=tokens, micro_batch_size=latents.shape[0],
-                                forward_only=False)
-    finalize_model_grads([ddp])
-    grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
-    return (outputs[0] if outputs else None), (latents.grad.clone() if model.pre_process else None), grads
-
-
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, save):
     from megatron_adapters.parallel import ParallelLayout, initialize
 
     ctx = initialize(ParallelLayout(**layout))
     results = {}
     for name, (cfg_dict, state_dict, inp) in cases.items():
-        tc, model = _build(ctx, cfg_dict, state_dict)
-        out, xgrad, grads = _train_step(tc, model, inp)
+        tc, model = tiny_wan.build_megatron(ctx, cfg_dict, state_dict)
+        out, xgrad, grads = tiny_wan.train_step(tc, model, inp)
         results[name] = dict(out=out, xgrad=xgrad, grads=grads, first=model.layer_offset, count=len(model.blocks))
         if save and name == "t2v":
             from megatron.core import dist_checkpointing

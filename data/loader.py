@@ -15,7 +15,6 @@ model parallelism. The state dict is the same on every rank, so saving it from o
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -25,8 +24,8 @@ from typing import Any
 import torch
 
 from data.collate import MODELS, collate
-from data.format import INDEX, check_index, embeds_from_bytes
-from data.reader import ShardRef
+from data.format import embeds_from_bytes
+from data.locate import is_url, join, read_bytes, resolve_dataset
 from data.stream import PromptStream, StreamSpec, make_plan, set_worker_threads
 
 log = logging.getLogger("data")
@@ -93,66 +92,6 @@ def default_dp() -> tuple[int, int]:
     return 0, 1
 
 
-def _is_url(s: str) -> bool:
-    return "://" in s or s.startswith("pipe:")
-
-
-def _join(base: str, name: str) -> str:
-    return f"{base.rstrip('/')}/{name}" if _is_url(base) else os.path.join(base, name)
-
-
-def _read_bytes(url: str) -> bytes:
-    if _is_url(url):
-        import webdataset as wds
-
-        with wds.gopen(url, "rb") as f:
-            return f.read()
-    with open(url, "rb") as f:
-        return f.read()
-
-
-def resolve_dataset(spec: str | list[str], url_template: str | None = None) -> tuple[dict[str, Any], list[ShardRef], str]:
-    """Find the index for a dataset folder, index.json location or shard list; check it; locate the shards."""
-    selected: list[str] | None = None
-    if isinstance(spec, (list, tuple)) or str(spec).endswith(".tar") or "{" in str(spec):
-        from braceexpand import braceexpand
-
-        selected = [u for s in ([spec] if isinstance(spec, str) else spec) for u in braceexpand(str(s))]
-        if not selected:
-            raise ValueError("data config: shards is an empty list: name a dataset folder or some shards")
-        base = selected[0].rsplit("/", 1)[0] if "/" in selected[0] else "."
-        index_url = _join(base, INDEX)
-    elif str(spec).endswith(".json"):
-        index_url, base = str(spec), str(spec).rsplit("/", 1)[0] if "/" in str(spec) else "."
-    else:
-        base, index_url = str(spec), _join(str(spec), INDEX)
-        if not _is_url(base) and not os.path.isdir(base):
-            raise FileNotFoundError(f"data config: shards={base!r} is not a folder; point it at a folder written by "
-                                    "tools/make_prompt_shards.py, its index.json, or a list of its shards")
-    try:
-        index = json.loads(_read_bytes(index_url))
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"no {INDEX} at {index_url}: build the dataset with tools/make_prompt_shards.py "
-                                "(an interrupted build writes it last: re-run it to finish)") from e
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {index_url}: {e}; re-run tools/make_prompt_shards.py on its folder") from e
-    check_index(index, index_url)
-    by_name = {s["name"]: s for s in index["shards"]}
-    if selected is None:
-        pairs = [(s, url_template.format(name=s["name"]) if url_template else _join(base, s["name"]))
-                 for s in index["shards"]]
-    else:
-        names = [u.rsplit("/", 1)[-1] for u in selected]
-        unknown = [u for u, n in zip(selected, names) if n not in by_name]
-        if unknown:
-            raise ValueError(f"shard(s) {unknown[:3]} are not listed in {index_url}: name shards of one dataset")
-        if len(set(names)) != len(names):
-            raise ValueError("data config: shards lists a shard twice; each shard may appear once")
-        pairs = [(by_name[n], u) for n, u in zip(names, selected)]
-    refs = [ShardRef(s["name"], url, s["start"], s["count"], s["sha256"], s["bytes"]) for s, url in pairs]
-    return index, refs, base
-
-
 class PromptLoader:
     """Batches of prompts and their text embeddings for one data-parallel rank; checkpointable."""
 
@@ -197,14 +136,14 @@ class PromptLoader:
                              f"{self.max_length} that Wan pads to: raise max_length or re-encode with --max-length")
         if not self.shards or sum(s.count for s in self.shards) == 0:
             raise ValueError(f"the dataset at {c.shards!r} is empty: no shards or no samples")
-        missing = [s.url for s in self.shards if not _is_url(s.url) and not os.path.isfile(s.url)]
+        missing = [s.url for s in self.shards if not is_url(s.url) and not os.path.isfile(s.url)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards are missing, e.g. {missing[:3]}: "
                                     "copy them, or re-run tools/make_prompt_shards.py on the folder to rewrite them")
 
     def _load_negative(self) -> dict[str, Any]:
         neg = self.index["negative"]
-        data = _read_bytes(_join(self._base, neg["file"]))
+        data = read_bytes(join(self._base, neg["file"]))
         if hashlib.sha256(data).hexdigest() != neg["sha256"]:
             raise ValueError(f"{neg['file']} in {self._base} does not match the index's sha256: re-run "
                              "tools/make_prompt_shards.py on the folder")

@@ -14,26 +14,14 @@ import json
 import os
 import tarfile
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from data.format import embeds_from_bytes, sample_key
+from data.locate import ShardRef, is_url
 
 
 class CorruptShard(Exception):
     """A shard could not be read completely and correctly; the message says why."""
-
-
-@dataclass(frozen=True)
-class ShardRef:
-    """Where a shard is and what the index says about it."""
-
-    name: str
-    url: str
-    start: int  # global index of its first sample
-    count: int
-    sha256: str
-    bytes: int
 
 
 class _HashingReader:
@@ -61,7 +49,7 @@ def _open(url: str):
 def read_shard(ref: ShardRef, wanted: Iterable[int], dim: int) -> dict[int, dict[str, Any]]:
     """Read samples with the given local indices; returns ``{local: sample}`` or raises CorruptShard."""
     wanted = set(int(i) for i in wanted)
-    if "://" not in ref.url and not ref.url.startswith("pipe:"):
+    if not is_url(ref.url):
         try:
             size = os.path.getsize(ref.url)
         except OSError as e:

@@ -19,8 +19,9 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from data.collate import collate
+from data.locate import ShardRef
 from data.plan import EpochPlan, ResamplePlan, local_indices, worker_batches
-from data.reader import CorruptShard, ShardRef, read_shard
+from data.reader import CorruptShard, read_shard
 
 
 @dataclass

@@ -80,6 +80,7 @@ def tiny_qwen25vl_model(vocab_size: int, seed: int = 0):
     cfg = Qwen2_5_VLConfig(
         text_config=dict(vocab_size=vocab_size, hidden_size=QWEN_DIM, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=2048,
+                         bos_token_id=0, eos_token_id=2,  # <|endoftext|>, <|im_end|> of tiny_qwen_tokenizer
                          rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}),
         vision_config=dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=QWEN_DIM,
                            fullatt_block_indexes=[0]),

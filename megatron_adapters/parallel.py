@@ -191,9 +191,12 @@ def initialize(
         device = torch.device("cpu")
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
+        # env:// reuses torchrun's own store when there is one; for Slurm we publish what we derived.
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
         dist.init_process_group(
             backend,
-            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            init_method="env://",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_minutes),

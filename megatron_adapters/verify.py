@@ -1,0 +1,160 @@
+"""Check a converted model against diffusers on the same weights and inputs, at any parallel layout.
+
+Run under torchrun (or srun, or as one process). Global rank 0 builds the diffusers reference model;
+every rank builds its stage/shard of ours from the same folder; both run the same seeded inputs
+through Megatron's schedule; errors are reduced to rank 0, which prints one line per check and a last
+line ``verify_conversion: max_rel_err=<value> PASS`` (or ``FAIL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=["wan"], required=True)
+    p.add_argument("--diffusers", required=True, help="a diffusers pipeline or transformer folder")
+    p.add_argument("--subfolder", default=None, help="e.g. transformer or transformer_2 inside a pipeline folder")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    p.add_argument("--rtol", type=float, default=None, help="largest relative error that passes (1e-5 fp32, 2e-2 bf16)")
+    p.add_argument("--backward", action="store_true", help="also compare input gradients")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--frames", type=int, default=3, help="latent frames")
+    p.add_argument("--height", type=int, default=16, help="latent height")
+    p.add_argument("--width", type=int, default=16, help="latent width")
+    p.add_argument("--text-len", type=int, default=32)
+    p.add_argument("--per-token-timesteps", action="store_true", help="TI2V-style timestep per token")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _folder(args) -> Path:
+    folder = Path(args.diffusers) / args.subfolder if args.subfolder else Path(args.diffusers)
+    if not (folder / "config.json").is_file():
+        hint = " (a pipeline folder needs --subfolder transformer or transformer_2)" if (folder / "model_index.json").is_file() else ""
+        raise SystemExit(f"verify_conversion: no config.json in {folder}{hint}")
+    return folder
+
+
+def _inputs(cfg, args, device) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(args.seed)
+    pt, ph, pw = cfg.patch_size
+    shape = (args.batch, cfg.in_channels, args.frames, args.height, args.width)
+    tokens = (args.frames // pt) * (args.height // ph) * (args.width // pw)
+    inp = {
+        "latents": torch.randn(*shape, generator=g),
+        "timestep": (torch.rand(args.batch, tokens, generator=g) if args.per_token_timesteps
+                     else torch.rand(args.batch, generator=g)) * 1000,
+        "text": torch.randn(args.batch, args.text_len, cfg.text_dim, generator=g),
+        "w": torch.randn(args.batch, cfg.out_channels, args.frames, args.height, args.width, generator=g),
+    }
+    if cfg.image_dim:
+        inp["image"] = torch.randn(args.batch, 257, cfg.image_dim, generator=g)
+    return {k: v.to(device) for k, v in inp.items()}
+
+
+def _reference(folder: Path, inp, dtype, backward: bool):
+    from diffusers import WanTransformer3DModel
+
+    model = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype).to(inp["latents"].device).eval()
+    latents = inp["latents"].to(dtype).clone().requires_grad_(backward)
+    with torch.set_grad_enabled(backward):
+        out = model(latents, inp["timestep"], inp["text"].to(dtype), encoder_hidden_states_image=
+                    inp["image"].to(dtype) if "image" in inp else None, return_dict=False)[0]
+        if backward:
+            (out.float() * inp["w"]).sum().backward()
+    return out.detach().float(), (latents.grad.float() if backward else None)
+
+
+def _ours(ctx, folder: Path, cfg, inp, dtype, backward: bool):
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_adapters.wan.config import transformer_config
+    from megatron_adapters.wan.convert import load_from_diffusers
+    from megatron_adapters.wan.model import build_wan_model
+    from megatron_adapters.wan.specs import local_layer_spec
+
+    tc = transformer_config(cfg, ctx.model_parallel_kwargs(), params_dtype=dtype)
+    model = build_wan_model(tc, cfg, local_layer_spec()).to(ctx.device)
+    load_from_diffusers(model, folder, cfg)
+    for p in model.parameters():
+        p.requires_grad_(backward)
+    latents = inp["latents"].to(dtype).clone().requires_grad_(backward)
+    outputs = []
+
+    def loss_fn(out):
+        outputs.append(out.detach().float())
+        return (out.float() * inp["w"]).sum(), {}
+
+    def forward_step(_, m):
+        return m(latents, inp["timestep"], inp["text"].to(dtype), image=inp["image"].to(dtype) if "image" in inp else None), loss_fn
+
+    tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // cfg.patch_volume
+    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[model],
+                                num_microbatches=1, seq_length=tokens, micro_batch_size=latents.shape[0],
+                                forward_only=not backward)
+    out = outputs[0] if outputs else None
+    xgrad = None
+    if backward and model.pre_process:
+        # Each CP rank holds the gradient of its own tokens, scaled by cp (Megatron's loss scaling).
+        xgrad = latents.grad.float().clone()
+        if ctx.layout.cp > 1:
+            dist.all_reduce(xgrad, group=parallel_state.get_context_parallel_group())
+            xgrad /= ctx.layout.cp
+    return out, xgrad
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.wan.config import WanConfig
+
+    folder = _folder(args)
+    cfg = WanConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    dtype = DTYPES[args.dtype]
+    rtol = args.rtol if args.rtol is not None else (1e-5 if dtype == torch.float32 else 2e-2)
+    ctx = initialize(ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, sequence_parallel=args.sp),
+                     num_heads=cfg.num_attention_heads, num_layers=cfg.num_layers)
+    torch.manual_seed(args.seed)
+    inp = _inputs(cfg, args, ctx.device)
+    rank = dist.get_rank()
+    ref_out = torch.zeros(args.batch, cfg.out_channels, args.frames, args.height, args.width, device=ctx.device)
+    ref_grad = torch.zeros_like(inp["latents"])
+    if rank == 0:
+        out, grad = _reference(folder, inp, dtype, args.backward)
+        ref_out.copy_(out)
+        if grad is not None:
+            ref_grad.copy_(grad)
+    dist.broadcast(ref_out, 0)
+    dist.broadcast(ref_grad, 0)
+    out, xgrad = _ours(ctx, folder, cfg, inp, dtype, args.backward)
+    errors = torch.full((2,), -1.0, dtype=torch.float64, device=ctx.device)
+    if out is not None:
+        errors[0] = _rel(out, ref_out)
+    if xgrad is not None:
+        errors[1] = _rel(xgrad, ref_grad)
+    dist.all_reduce(errors, op=dist.ReduceOp.MAX)
+    worst = errors.max().item()
+    passed = worst <= rtol and errors[0] >= 0
+    if rank == 0:
+        layout = f"tp={args.tp} pp={args.pp} cp={args.cp} sp={args.sp} dtype={args.dtype}"
+        print(f"verify_conversion: {folder} at {layout}, rtol={rtol:g}")
+        print(f"  output rel_err={errors[0].item():.3e}")
+        if args.backward:
+            print(f"  input-grad rel_err={errors[1].item():.3e}")
+        print(f"verify_conversion: max_rel_err={worst:.3e} {'PASS' if passed else 'FAIL'}", flush=True)
+    return 0 if passed else 1

@@ -1,0 +1,55 @@
+"""tools/verify_conversion.py as users run it: torchrun, a diffusers folder, a layout, one last line."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests import tiny_wan
+from tests.multirank import free_port
+
+pytestmark = pytest.mark.multirank
+ROOT = Path(__file__).resolve().parents[1]
+SIZES = ["--frames", "2", "--height", "8", "--width", "8", "--text-len", "7"]
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("wan_pipeline")
+    tiny_wan.diffusers_model("t2v").save_pretrained(folder / "transformer_2")
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def _run(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
+           str(ROOT / "tools" / "verify_conversion.py"), "--model", "wan", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+
+
+def test_tp2_sp_with_backward_passes(pipeline_dir):
+    proc = _run(2, "--diffusers", str(pipeline_dir), "--subfolder", "transformer_2", "--tp", "2", "--sp",
+                "--backward", *SIZES)
+    last = proc.stdout.strip().splitlines()[-1]
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert last.startswith("verify_conversion: max_rel_err=") and last.endswith(" PASS")
+    assert float(last.split("=")[1].split()[0]) <= 1e-5
+    assert "input-grad rel_err=" in proc.stdout
+
+
+def test_tolerance_not_met_is_fail_with_exit_1(pipeline_dir):
+    proc = _run(1, "--diffusers", str(pipeline_dir), "--subfolder", "transformer_2", "--dtype", "bf16",
+                "--rtol", "1e-9", *SIZES)
+    assert proc.returncode == 1
+    assert proc.stdout.strip().splitlines()[-1].endswith(" FAIL")
+
+
+def test_pipeline_folder_without_subfolder_says_what_to_do(pipeline_dir):
+    proc = _run(1, "--diffusers", str(pipeline_dir), *SIZES)
+    assert proc.returncode != 0
+    assert "needs --subfolder transformer or transformer_2" in proc.stdout + proc.stderr

@@ -99,6 +99,20 @@ def _redirect_tensor_cuda() -> None:
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
 
+def _redirect_type_strings() -> None:
+    original = torch.Tensor.type
+
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None and not kwargs:
+            name = original(self)
+            if name.startswith("torch.") and not name.startswith("torch.cuda."):
+                return "torch.cuda." + name[len("torch."):]
+            return name
+        return original(self, dtype, non_blocking, **kwargs)
+
+    torch.Tensor.type = type_
+
+
 def _redirect_rng() -> None:
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -157,6 +171,14 @@ REDIRECTIONS: tuple[Redirection, ...] = (
         ("megatron.core.tensor_parallel.random",),
         r"torch\.cuda\.get_rng_state\(\)",
         _redirect_rng,
+    ),
+    Redirection(
+        "Tensor.type() type strings",
+        "the optimizers accept parameters only if param.type() == 'torch.cuda.FloatTensor' (or Half/BFloat16): "
+        "a dtype check written as a CUDA type name; report CPU tensors under the same names",
+        ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer"),
+        r"type\(\) == 'torch\.cuda\.FloatTensor'",
+        _redirect_type_strings,
     ),
 )
 

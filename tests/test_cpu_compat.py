@@ -23,7 +23,13 @@ CUDA_ONLY_CALLS = {
     "torch.cuda.current_stream / default_stream": lambda: torch.cuda.default_stream(),
     "Tensor.cuda": lambda: torch.ones(1).cuda(),
     "CUDA RNG state (tensor-parallel RNG tracker)": lambda: torch.cuda.manual_seed(0) or torch.cuda.get_rng_state(),
+    "Tensor.type() type strings": lambda: _require(torch.ones(1).type() == "torch.cuda.FloatTensor"),
 }
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise TypeError("not a CUDA type name")
 
 
 @pytest.mark.parametrize("redirection", cpu_compat.REDIRECTIONS, ids=lambda r: r.name)
@@ -57,6 +63,8 @@ def _probe(rank, world_size):
         "current_device": str(torch.cuda.current_device()),
         "sync": torch.cuda.synchronize(),
         "tensor_cuda": torch.ones(1).cuda().device.type,
+        "type_names": (torch.ones(1).type(), torch.ones(1, dtype=torch.bfloat16).type(),
+                       torch.ones(1).type(torch.float64).dtype == torch.float64),
     }
     torch.manual_seed(5)
     state = torch.cuda.get_rng_state()
@@ -87,6 +95,7 @@ def test_redirections_only_when_needed_and_cpu_meaning():
         "current_device": "cpu",
         "sync": None,
         "tensor_cuda": "cpu",
+        "type_names": ("torch.cuda.FloatTensor", "torch.cuda.BFloat16Tensor", True),
         "rng_replay": True,
         "tracker_restores": True,
         "tracker_advances": True,

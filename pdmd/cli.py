@@ -16,6 +16,7 @@ from pdmd import __version__
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.demo", "run the whole method on CPU with tiny models (the README's first command)"),
+    ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
     ("toy-1d", "pdmd.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
 ]
 
@@ -41,7 +42,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # Dotted overrides (key=value) may come after options; subcommands that take them say so.
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if not argv else 2

@@ -1,0 +1,298 @@
+"""The Megatron implementation of the method's model protocol (see pdmd/method.py): roles for a phase,
+velocities without grad, one optimizer step of a trainable role on a loss of its velocity, checkpoints.
+
+Roles of phase k (DESIGN.md "Roles, not copies"): the teacher experts (frozen), the student (trainable:
+LoRA adapters on the teacher expert that owns the phase's steps, sharing its backbone, or a full copy),
+the experts of earlier phases (frozen, LoRA merged), and one fake score per teacher expert (trainable,
+re-initialised from that expert at phase start). Every role has the same TP/PP/CP layout; every call
+goes through Megatron's pipeline schedule, so PP, micro-batches and the distributed optimizer are hidden
+here. Every rank must make the same calls with the same shapes (the method draws its randomness
+identically on all model-parallel peers).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_adapters.conversion import check_and_load
+from megatron_adapters.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
+from megatron_adapters.parallel import ParallelContext, ParallelLayout, initialize, validate_layout
+from megatron_adapters.wan.config import WanConfig, transformer_config
+from megatron_adapters.wan.convert import load_from_diffusers
+from megatron_adapters.wan.model import build_wan_model
+from megatron_adapters.wan.specs import layer_spec
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _frozen(model: torch.nn.Module) -> torch.nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()
+
+
+def _base_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone weights under plain names (LoRA wrappers' ``.base.`` removed, adapters dropped)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k.endswith("_extra_state") or ".lora_" in k:
+            continue
+        out[k.replace(".base.", ".")] = v
+    return out
+
+
+def _merge_lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Backbone weights with each adapter folded in: W + scale * B A (per TP shard)."""
+    state = _base_state(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    for m in lora_modules(model):
+        key = f"{names[id(m)]}.weight"
+        state[key] = state[key] + m.scale * (m.lora_B.float() @ m.lora_A.float()).to(state[key].dtype)
+    return state
+
+
+def _ensure_adam_state(optimizer) -> None:
+    """Give parameters that were never stepped a fresh Adam state (step 0, zero moments).
+
+    Without Apex/TE, Megatron's distributed optimizer reads one shared 'step' from the torch state and
+    fails when a role was built but not yet updated (e.g. a fake whose expert no sample has hit yet).
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = opt.optimizer
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state.get(p):
+                    inner.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+class Trainable:
+    """A trainable role: its model, DDP wrapper and Megatron optimizer."""
+
+    def __init__(self, name: str, model, config, optim) -> None:
+        self.name, self.model = name, model
+        self.ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True),
+                                           module=model)
+        oc = OptimizerConfig(optimizer="adam", lr=optim.lr, adam_beta1=0.0, adam_beta2=optim.beta2,
+                             weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
+                             bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=True)
+        self.optimizer = get_megatron_optimizer(oc, [self.ddp])
+
+
+class MegatronWanBackend:
+    def __init__(self, cfg, ctx: ParallelContext | None = None) -> None:
+        self.cfg = cfg
+        teacher = Path(cfg.model.teacher.path)
+        self.wan = [WanConfig.from_json(teacher / sub) for sub in cfg.model.teacher.subfolders]
+        self.boundary = cfg.model.teacher.boundary
+        layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
+                                sequence_parallel=cfg.parallel.sequence_parallel)
+        c, f, h, w = cfg.train.latent_shape
+        pt, ph, pw = self.wan[0].patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"train.latent_shape={cfg.train.latent_shape} does not divide into patches {self.wan[0].patch_size}")
+        self.tokens = (f // pt) * (h // ph) * (w // pw)
+        world = dist.get_world_size() if dist.is_initialized() else None
+        if world is not None:  # the layout must fit the model before anything is built
+            validate_layout(layout, world, num_heads=self.wan[0].num_attention_heads,
+                            num_layers=self.wan[0].num_layers, seq_len=self.tokens)
+        self.ctx = ctx or initialize(layout, seed=cfg.seed, num_heads=self.wan[0].num_attention_heads,
+                                     num_layers=self.wan[0].num_layers)
+        validate_layout(layout, dist.get_world_size(), num_heads=self.wan[0].num_attention_heads,
+                        num_layers=self.wan[0].num_layers, seq_len=self.tokens)
+        self.dtype = DTYPES[cfg.model.dtype]
+        self.tconfig = transformer_config(self.wan[0], self.ctx.model_parallel_kwargs(), params_dtype=self.dtype)
+        self.spec = layer_spec(cfg.model.spec)
+        self.teachers: dict[int, torch.nn.Module] = {}
+        self.experts: dict[int, torch.nn.Module] = {}
+        self.trainables: dict[str, Trainable] = {}
+        self.student_expert = 0
+
+    # -- protocol: who we are ---------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        return self.ctx.dp_rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.ctx.dp_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    def experts_touching(self, lo: float, hi: float) -> list[int]:
+        """Teacher experts whose time range meets the interval (lo, hi]."""
+        if len(self.wan) == 1:
+            return [0]
+        return [e for e, hit in ((0, hi >= self.boundary), (1, lo < self.boundary)) if hit]
+
+    def expert_of(self, t: torch.Tensor) -> torch.Tensor:
+        """Which teacher expert owns each time (0 = high noise); Wan2.2 A14B: t >= boundary -> 0."""
+        if len(self.wan) == 1:
+            return torch.zeros_like(t, dtype=torch.long)
+        return (t < self.boundary).long()
+
+    # -- roles ------------------------------------------------------------------------------------
+    def _new_model(self, expert: int) -> torch.nn.Module:
+        model = build_wan_model(self.tconfig, self.wan[expert], self.spec).to(self.device)
+        load_from_diffusers(model, Path(self.cfg.model.teacher.path) / self.cfg.model.teacher.subfolders[expert])
+        return model
+
+    def setup_phase(self, k: int, student_expert: int, earlier: dict[int, tuple[int, str]],
+                    renoise_interval: tuple[float, float]) -> None:
+        """Build phase k's roles, and only those: teachers and fakes for the experts whose range the
+        phase's re-noise interval touches, the student, and the frozen experts of earlier phases
+        (``earlier[j] = (teacher expert, checkpoint dir)``)."""
+        self.teachers, self.experts, self.trainables = {}, {}, {}
+        self.student_expert = student_expert
+        lora = self.cfg.student.lora
+        scored = self.experts_touching(*renoise_interval)
+        for e in sorted(set(scored) | ({student_expert} if lora is not None else set())):
+            self.teachers[e] = _frozen(self._new_model(e))
+        if lora is not None:  # the student is the teacher's backbone plus adapters
+            student = self.teachers[student_expert]
+            apply_lora(student, LoRAConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets),
+                                           seed=self.cfg.seed + k))
+        else:
+            student = self._new_model(student_expert)
+        self.trainables["student"] = Trainable("student", student.train(), self.tconfig, self.cfg.student)
+        for e in scored:
+            teacher = self.teachers[e]
+            fake = build_wan_model(self.tconfig, self.wan[e], self.spec).to(self.device)
+            check_and_load(fake, _base_state(teacher), f"initialising fake{e} from teacher expert {e}")
+            self.trainables[f"fake{e}"] = Trainable(f"fake{e}", fake.train(), self.tconfig, self.cfg.fake)
+        for j, (e, ckpt) in earlier.items():
+            self.experts[j] = _frozen(self.load_expert(e, ckpt))
+
+    def _module(self, role: str, e: int):
+        if role == "teacher":
+            return self.teachers[e], e == self.student_expert and self.cfg.student.lora is not None
+        if role == "fake":
+            return self.trainables[f"fake{e}"].ddp, False
+        if role == "student":
+            return self.trainables["student"].ddp, False
+        return self.experts[int(role.split(":")[1])], False
+
+    # -- protocol: velocities and updates ---------------------------------------------------------
+    def _run(self, module, x, t, text, loss_fn=None):
+        """One pass through the schedule; returns the velocity on every rank (no grad), or trains."""
+        outputs = []
+
+        def forward_step(_, m):
+            out = m(x, t * 1000.0, text)
+
+            def collect(o):
+                outputs.append(o.detach())
+                loss = loss_fn(o) if loss_fn is not None else o.float().sum() * 0.0
+                return loss, {"loss": loss.detach()}
+
+            return out, collect
+
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[module],
+                                    num_microbatches=1, seq_length=self.tokens, micro_batch_size=x.shape[0],
+                                    forward_only=loss_fn is None)
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+        out = outputs[0] if outputs else torch.empty(x.shape[0], self.wan[0].out_channels, *x.shape[2:],
+                                                     dtype=x.dtype, device=x.device)
+        if pp > 1:  # the last stage has the velocity; every stage needs it for the next rollout step
+            src = parallel_state.get_pipeline_model_parallel_last_rank()
+            dist.broadcast(out, src, group=parallel_state.get_pipeline_model_parallel_group())
+        return out
+
+    @torch.no_grad()
+    def velocity(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """v(x, t) of ``role`` (teacher / fake / student / expert:j), routed per sample to the expert owning t."""
+        x, text = x.to(self.dtype), text.to(self.dtype)
+        if role in ("teacher", "fake"):
+            experts = self.expert_of(t)
+            out = torch.empty_like(x)
+            for e in experts.unique().tolist():
+                idx = (experts == e).nonzero().flatten()
+                module, adapters_off = self._module(role, e)
+                if adapters_off:
+                    with lora_disabled(module):
+                        out[idx] = self._run(module, x[idx], t[idx], text[idx])
+                else:
+                    out[idx] = self._run(module, x[idx], t[idx], text[idx])
+            return out.float()
+        module, _ = self._module(role, 0)
+        return self._run(module, x, t, text).float()
+
+    def train_step(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """One optimizer step of a trainable role (``student`` or ``fake{e}``) on loss_fn(velocity)."""
+        trainable = self.trainables[role]
+        trainable.ddp.zero_grad_buffer()
+        trainable.optimizer.zero_grad()
+        losses = []
+
+        def wrapped(v):
+            loss = loss_fn(v.float())
+            losses.append(loss.detach())
+            return loss
+
+        self._run(trainable.ddp, x.to(self.dtype), t, text.to(self.dtype), wrapped)
+        finalize_model_grads([trainable.ddp])
+        ok, grad_norm, _ = trainable.optimizer.step()
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(loss, parallel_state.get_pipeline_model_parallel_last_rank(),
+                           group=parallel_state.get_pipeline_model_parallel_group())
+        return {"loss": loss.item() / max(1, self.ctx.layout.cp), "grad_norm": float(grad_norm or 0.0),
+                "skipped": float(not ok)}
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _sharded(self, is_loading: bool) -> dict:
+        state = {}
+        for name, tr in self.trainables.items():
+            _ensure_adam_state(tr.optimizer)
+            model_sd = tr.model.sharded_state_dict(prefix=f"{name}.model.")
+            state[f"{name}.model"] = model_sd
+            state[f"{name}.optim"] = tr.optimizer.sharded_state_dict(
+                model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        return state
+
+    def save(self, path: str | Path, extra: dict) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self._sharded(is_loading=False), str(path))
+        if dist.get_rank() == 0:
+            (path / "trainer_state.json").write_text(json.dumps(extra, sort_keys=True))
+        dist.barrier()
+
+    def load(self, path: str | Path) -> dict:
+        path = Path(path)
+        loaded = dist_checkpointing.load(self._sharded(is_loading=True), str(path))
+        for name, tr in self.trainables.items():
+            prefix = f"{name}.model."
+            tr.model.load_state_dict({k[len(prefix):]: v for k, v in loaded[f"{name}.model"].items()}, strict=True)
+            tr.optimizer.load_state_dict(loaded[f"{name}.optim"])
+        return json.loads((path / "trainer_state.json").read_text())
+
+    def save_expert(self, path: str | Path) -> None:
+        """The phase's final student as a plain (LoRA-merged) model checkpoint, at any later layout."""
+        student = self.trainables["student"].model
+        merged = _merge_lora(student) if lora_modules(student) else None
+        if merged is not None:
+            plain = build_wan_model(self.tconfig, self.wan[self.student_expert], self.spec).to(self.device)
+            check_and_load(plain, merged, "merging the LoRA student")
+            student = plain
+        Path(path).mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(student.sharded_state_dict(prefix="model."), str(path))
+
+    def load_expert(self, expert: int, path: str | Path) -> torch.nn.Module:
+        model = build_wan_model(self.tconfig, self.wan[expert], self.spec).to(self.device)
+        loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="model."), str(path))
+        model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
+        return model

@@ -1,0 +1,218 @@
+"""Run configuration: a YAML recipe plus dotted ``key=value`` overrides, validated into typed sections.
+
+OmegaConf reads and merges (YAML, dotted overrides, ``${...}`` interpolation); the dataclasses below
+are the schema. Every mistake a user can make fails here, before any model is built, with a message
+that names the key and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pdmd.schedule import PhasePlan
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the key."""
+
+
+@dataclass
+class TeacherConfig:
+    path: str = ""
+    subfolders: list[str] = field(default_factory=lambda: ["transformer"])
+    boundary: float | None = None  # Wan2.2 A14B: t >= boundary -> subfolders[0] (high noise), else [1]
+
+
+@dataclass
+class ModelConfig:
+    kind: str = "wan"
+    spec: str = "local"
+    dtype: str = "fp32"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+
+
+@dataclass
+class MethodConfig:
+    sgts: bool = True  # one randomly chosen step of the phase carries the gradient (else the last)
+    dmd_form: str = "velocity"  # velocity (paper) | x0 (normalised surrogate of DMD2/LightX2V)
+    cfg_scale: float = 4.0
+    fake_loss: str = "subinterval"  # subinterval (paper Eq. 13) | mse (LightX2V) | naive (ablation)
+    fake_max_weight: float = 10.0
+    fake_ratio: int = 5  # fake updates per generator update (TTUR)
+
+
+@dataclass
+class LoRASection:
+    rank: int = 64
+    alpha: float = 8.0
+    targets: list[str] = field(default_factory=lambda: ["linear_qkv", "linear_proj", "linear_q", "linear_kv",
+                                                          "linear_fc1", "linear_fc2"])
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    weight_decay: float = 0.0
+    beta2: float = 0.999
+    grad_clip: float = 1.0
+    lora: LoRASection | None = None  # students only: None trains all parameters
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100  # generator updates per phase
+    micro_batch_size: int = 1
+    latent_shape: list[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, F, H, W
+    checkpoint_every: int = 50
+    keep_last: int = 2
+    max_bad_steps: int = 3  # consecutive non-finite losses before stopping
+    log_every: int = 1
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "phased-dmd"
+    group: str | None = None
+    name: str | None = None
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    plan: dict[str, Any] = field(default_factory=lambda: {"num_steps": 4, "shift": 5.0, "num_phases": 2})
+    method: MethodConfig = field(default_factory=MethodConfig)
+    student: OptimConfig = field(default_factory=OptimConfig)
+    fake: OptimConfig = field(default_factory=lambda: OptimConfig(lr=4e-7))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: dict[str, Any] = field(default_factory=dict)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def phase_plan(self) -> PhasePlan:
+        return PhasePlan.from_config(self.plan)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        """Identity of the run for the manifest. The parallel layout and logging are left out: a run may
+        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere."""
+        ident = {k: v for k, v in self.to_dict().items() if k not in ("parallel", "wandb")}
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def _build(cls, raw: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return raw
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {raw!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        key = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; known keys here: {sorted(fields)}")
+    values = {}
+    for name, value in raw.items():
+        sub = f"{where}.{name}" if where else name
+        ftype = fields[name].type
+        nested = {"model": ModelConfig, "teacher": TeacherConfig, "parallel": ParallelConfig, "method": MethodConfig,
+                  "student": OptimConfig, "fake": OptimConfig, "train": TrainConfig, "wandb": WandbConfig,
+                  "lora": LoRASection}.get(name)
+        if nested is not None and "dict" not in str(ftype):
+            values[name] = None if (name == "lora" and value is None) else _build(nested, value, sub)
+        else:
+            values[name] = value
+    return cls(**values)
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a recipe and apply ``key=value`` overrides (the recipe's own dotted key names)."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.create({}) if path is None else OmegaConf.load(str(path))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=10)")
+    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
+    raw = OmegaConf.to_container(merged, resolve=True)
+    cfg = _build(RunConfig, raw, "")
+    validate(cfg)
+    return cfg
+
+
+def _positive(value: Any, key: str, fix: str = "") -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+        raise ConfigError(f"{key}={value!r} must be a positive number" + (f": {fix}" if fix else ""))
+
+
+def validate(cfg: RunConfig) -> None:
+    """Everything that can be checked without building a model."""
+    m = cfg.model
+    if m.kind != "wan":
+        raise ConfigError(f"model.kind={m.kind!r}: this version trains 'wan' (Qwen-Image plugs in through the same protocol)")
+    if m.spec not in ("local", "te"):
+        raise ConfigError(f"model.spec={m.spec!r}: choose local or te")
+    if m.dtype not in ("fp32", "bf16"):
+        raise ConfigError(f"model.dtype={m.dtype!r}: choose fp32 or bf16")
+    if not m.teacher.path:
+        raise ConfigError("model.teacher.path is empty: point it at the teacher's diffusers folder")
+    teacher = Path(m.teacher.path)
+    for sub in m.teacher.subfolders:
+        if not (teacher / sub / "config.json").is_file():
+            raise ConfigError(f"model.teacher.path: no {sub}/config.json under {teacher} (model.teacher.subfolders="
+                              f"{m.teacher.subfolders}); is this a diffusers Wan folder?")
+    if len(m.teacher.subfolders) not in (1, 2):
+        raise ConfigError("model.teacher.subfolders lists one expert, or two (high noise first) for Wan2.2 A14B")
+    if len(m.teacher.subfolders) == 2 and not (m.teacher.boundary and 0 < m.teacher.boundary < 1):
+        raise ConfigError("model.teacher.boundary must lie in (0, 1) with two experts (0.875 T2V, 0.9 I2V)")
+    for key in ("tp", "pp", "cp"):
+        value = getattr(cfg.parallel, key)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
+    try:
+        plan = cfg.phase_plan()
+    except ValueError as exc:
+        raise ConfigError(f"plan: {exc}") from exc
+    meth = cfg.method
+    if meth.dmd_form not in ("velocity", "x0"):
+        raise ConfigError(f"method.dmd_form={meth.dmd_form!r}: choose velocity or x0")
+    if meth.fake_loss not in ("subinterval", "mse", "naive"):
+        raise ConfigError(f"method.fake_loss={meth.fake_loss!r}: choose subinterval, mse or naive")
+    if not isinstance(meth.fake_ratio, int) or meth.fake_ratio < 1:
+        raise ConfigError(f"method.fake_ratio={meth.fake_ratio!r} must be an integer >= 1 (the paper uses 5)")
+    if meth.cfg_scale < 0:
+        raise ConfigError(f"method.cfg_scale={meth.cfg_scale} must be >= 0 (1 = no guidance)")
+    for section in ("student", "fake"):
+        _positive(getattr(cfg, section).lr, f"{section}.lr")
+    if cfg.fake.lora is not None:
+        raise ConfigError("fake.lora: the fake score trains all parameters (set fake.lora=null)")
+    t = cfg.train
+    for key in ("steps", "micro_batch_size", "checkpoint_every", "keep_last", "max_bad_steps", "log_every"):
+        if not isinstance(getattr(t, key), int) or getattr(t, key) < 1:
+            raise ConfigError(f"train.{key}={getattr(t, key)!r} must be an integer >= 1")
+    if len(t.latent_shape) != 4 or any(not isinstance(v, int) or v < 1 for v in t.latent_shape):
+        raise ConfigError(f"train.latent_shape={t.latent_shape} must be [channels, frames, height, width]")
+    if not cfg.data.get("shards"):
+        raise ConfigError("data.shards is empty: point it at a folder written by tools/make_prompt_shards.py")
+    if cfg.wandb.mode not in ("offline", "online", "disabled"):
+        raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: choose offline, online or disabled")
+    if plan.num_phases < 1:
+        raise ConfigError("plan: at least one phase")

@@ -1,0 +1,132 @@
+"""One phase of Phased DMD over a model backend: rollout, generator update, fake update.
+
+The backend protocol (implemented by megatron_adapters.backend.MegatronWanBackend):
+
+- ``velocity(role, x, t, text) -> v`` without grad; role is ``teacher`` / ``fake`` (routed per sample to
+  the expert owning t), ``student``, or ``expert:j`` (the frozen expert of an earlier phase j);
+- ``train_step(role, x, t, text, loss_fn) -> {"loss", "grad_norm", ...}``: one optimizer step of
+  ``student`` or ``fake{e}`` on ``loss_fn(v)``, v being the role's velocity at (x, t) with grad;
+- ``expert_of(t)``, ``dp_rank``, ``device``.
+
+The student is trained by regression (DESIGN.md): all no-grad passes first give the DMD target
+sg(x_gen - grad); then one ``train_step`` fits x_gen(v) = x_in + (s - t_in) v to it, which has exactly
+the DMD surrogate's gradient and works unchanged under pipeline parallelism.
+Randomness comes from (seed, phase, step, purpose, dp rank) only: identical on TP/PP/CP peers,
+different across data-parallel replicas, and the same after a restart.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pdmd import objectives as obj
+from pdmd.schedule import PhasePlan, renoise, x0_from_velocity
+
+
+def make_generator(seed: int, phase: int, step: int, purpose: str, dp_rank: int) -> torch.Generator:
+    """A CPU generator whose state depends only on its arguments."""
+    digest = hashlib.sha256(f"{seed}/{phase}/{step}/{purpose}/{dp_rank}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+@dataclass
+class Rollout:
+    x_in: torch.Tensor  # input of the step that carries the gradient
+    t_in: float  # its time
+    x_gen: torch.Tensor  # the phase's output at s = t_k
+    step: int  # which step carried the gradient
+
+
+class PhaseTrainer:
+    """Phase k's updates. ``method`` is the config section (sgts, dmd_form, cfg_scale, fake_loss, ...)."""
+
+    def __init__(self, backend, plan: PhasePlan, k: int, method, latent_shape, seed: int) -> None:
+        self.backend, self.plan, self.k, self.method = backend, plan, k, method
+        self.latent_shape, self.seed = tuple(latent_shape), seed
+        self.s = plan.phase_end(k)
+
+    def _gen(self, step: int, purpose: str) -> torch.Generator:
+        return make_generator(self.seed, self.k, step, purpose, self.backend.dp_rank)
+
+    def _randn(self, batch: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randn(batch, *self.latent_shape, generator=gen).to(self.backend.device)
+
+    @torch.no_grad()
+    def rollout(self, text: torch.Tensor, gen: torch.Generator) -> Rollout:
+        """Backward simulation from pure noise: earlier experts, then the student up to the step that
+        carries the gradient (SGTS: uniform over the phase's steps; else its last), then its jump to s."""
+        b = text.shape[0]
+        times = list(self.plan.timesteps) + [0.0]
+        x = self._randn(b, gen)
+        steps = list(self.plan.steps_in_phase(self.k))
+        j = steps[int(torch.randint(len(steps), (1,), generator=gen))] if self.method.sgts else steps[-1]
+        for i in range(j + 1):
+            phase = self.plan.phase_of_step(i)
+            role = "student" if phase == self.k else f"expert:{phase}"
+            t = torch.full((b,), times[i], device=x.device)
+            v = self.backend.velocity(role, x, t, text)
+            if i == j:
+                return Rollout(x_in=x, t_in=times[i], x_gen=x + (self.s - times[i]) * v, step=j)
+            x = x + (times[i + 1] - times[i]) * v
+        raise AssertionError("unreachable: the rollout always reaches step j")
+
+    def _renoise(self, x_s: torch.Tensor, gen: torch.Generator):
+        b = x_s.shape[0]
+        eps = self._randn(b, gen)
+        t = self.plan.draw_renoise_t(self.k, b, generator=gen).to(x_s.device)
+        return eps, t, renoise(x_s, eps, self.s, t)
+
+    def generator_step(self, step: int, text: torch.Tensor, negative: torch.Tensor) -> dict[str, float]:
+        gen = self._gen(step, "generator")
+        r = self.rollout(text, gen)
+        eps, t, x_t = self._renoise(r.x_gen, gen)
+        v_real = self.backend.velocity("teacher", x_t, t, text)
+        if self.method.cfg_scale != 1.0:
+            v_uncond = self.backend.velocity("teacher", x_t, t, negative)
+            v_real = obj.cfg_velocity(v_real, v_uncond, self.method.cfg_scale)
+        v_fake = self.backend.velocity("fake", x_t, t, text)
+        if self.method.dmd_form == "velocity":
+            dmd = obj.dmd_velocity_loss(r.x_gen, v_real, v_fake, self.s, t)
+        else:
+            dmd = obj.dmd_x0_loss(r.x_gen, x0_from_velocity(x_t, v_real, t), x0_from_velocity(x_t, v_fake, t))
+        metrics = {"dmd_grad_norm": dmd.grad.float().norm().item(), "t_mean": t.mean().item(),
+                   "sgts_step": float(r.step)}
+        if not torch.isfinite(dmd.target).all():
+            return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
+        target, x_in, jump = dmd.target, r.x_in, self.s - r.t_in
+
+        def loss_fn(v: torch.Tensor) -> torch.Tensor:
+            return 0.5 * ((x_in + jump * v - target) ** 2).mean()
+
+        t_in = torch.full((x_in.shape[0],), r.t_in, device=x_in.device)
+        out = self.backend.train_step("student", x_in, t_in, text, loss_fn)
+        return {**metrics, "generator_loss": out["loss"], "student_grad_norm": out["grad_norm"],
+                "skipped": out.get("skipped", 0.0)}
+
+    def fake_step(self, step: int, index: int, text: torch.Tensor) -> dict[str, float]:
+        gen = self._gen(step, f"fake{index}")
+        x_s = self.rollout(text, gen).x_gen
+        eps, t, x_t = self._renoise(x_s, gen)
+        experts = self.backend.expert_of(t)
+        losses, norms = [], []
+        for e in experts.unique().tolist():
+            idx = (experts == e).nonzero().flatten()
+            xs_e, eps_e, t_e = x_s[idx], eps[idx], t[idx]
+            out = self.backend.train_step(f"fake{e}", x_t[idx], t_e, text[idx], self._fake_loss(xs_e, eps_e, t_e))
+            losses.append(out["loss"] * len(idx))
+            norms.append(out["grad_norm"])
+        return {"fake_loss": sum(losses) / x_s.shape[0], "fake_grad_norm": max(norms)}
+
+    def _fake_loss(self, x_s, eps, t):
+        kind, s, max_weight = self.method.fake_loss, self.s, self.method.fake_max_weight
+
+        def loss_fn(v: torch.Tensor) -> torch.Tensor:
+            if kind == "naive":
+                return F.mse_loss(v, obj.naive_velocity_target(x_s, eps, s, t).to(v.dtype))
+            return obj.subinterval_fake_loss(v, x_s, eps, s, t, max_weight=max_weight if kind == "subinterval" else None)
+
+        return loss_fn

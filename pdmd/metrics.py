@@ -1,0 +1,42 @@
+"""Scalars of a run: one JSON object per logged step in RUN_DIR/metrics.jsonl, and the same to W&B.
+
+Only global rank 0 writes. W&B runs offline unless configured otherwise (``wandb sync`` later); one W&B
+run per distillation, resumed by id on restart.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    def __init__(self, path: Path, wandb_cfg, run_id: str, config: dict[str, Any], rank: int = 0) -> None:
+        self.path, self.enabled = Path(path), rank == 0
+        self.run = None
+        if not self.enabled or wandb_cfg.mode == "disabled":
+            return
+        import wandb
+
+        os.environ.setdefault("WANDB_SILENT", "true")
+        self.run = wandb.init(
+            mode=wandb_cfg.mode, project=wandb_cfg.project, group=wandb_cfg.group, name=wandb_cfg.name,
+            id=run_id, resume="allow", dir=str(self.path.parent), config=config,
+        )
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in scalars.items()}
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        if self.run is not None:
+            self.run.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=step)
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,139 @@
+"""The run directory and its manifest: which phases exist, which are done, where their checkpoints are.
+
+``RUN_DIR/manifest.json`` (written atomically: temp file, fsync, rename) holds the phase plan, the
+config hash, the W&B run id and one entry per phase: ``index`` (1-based), ``status``
+(pending | running | done | failed), ``step``, ``student_expert``, ``checkpoints`` (latest first) and,
+when done, ``expert`` (the final student's checkpoint) with a hash of its files. Rerunning any command
+on a run directory resumes it; finished phases are skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+STATUSES = ("pending", "running", "done", "failed")
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def tree_hash(folder: Path) -> str:
+    """sha256 over the names and bytes of every file under ``folder`` (sorted)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.manifest_path = self.path / MANIFEST
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics = self.path / "metrics.jsonl"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    def read(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.manifest_path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {self.manifest_path}: {exc}") from exc
+
+    def write(self, manifest: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, manifest)
+
+    def create_or_check(self, plan_config: dict, config_hash: str, student_experts: list[int],
+                        config: dict) -> dict[str, Any]:
+        """A new manifest, or the existing one if it belongs to the same run (same plan and config)."""
+        if self.exists():
+            manifest = self.read()
+            if manifest["config_hash"] != config_hash:
+                raise ValueError(
+                    f"{self.path} was started with another configuration (hash {manifest['config_hash'][:12]} vs "
+                    f"{config_hash[:12]}): resume it with the same recipe and overrides (saved in its manifest "
+                    "under 'config'), or use a new --run-dir")
+            return manifest
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(exist_ok=True)
+        manifest = {
+            "version": 1,
+            "plan": plan_config,
+            "config_hash": config_hash,
+            "config": config,
+            "wandb_id": uuid.uuid4().hex[:16],
+            "phases": [
+                {"index": k, "status": "pending", "step": 0, "student_expert": e, "checkpoints": [], "expert": None,
+                 "expert_hash": None}
+                for k, e in enumerate(student_experts, start=1)
+            ],
+        }
+        self.write(manifest)
+        return manifest
+
+    def phase_dir(self, k: int) -> Path:
+        return self.checkpoints / f"phase{k}"
+
+    def step_dir(self, k: int, step: int) -> Path:
+        return self.phase_dir(k) / f"step{step:07d}"
+
+    def expert_dir(self, k: int) -> Path:
+        return self.phase_dir(k) / "expert"
+
+    def update_phase(self, k: int, **fields: Any) -> dict[str, Any]:
+        manifest = self.read()
+        entry = manifest["phases"][k - 1]
+        if "status" in fields and fields["status"] not in STATUSES:
+            raise ValueError(f"unknown phase status {fields['status']!r}")
+        entry.update(fields)
+        self.write(manifest)
+        return manifest
+
+    def record_checkpoint(self, k: int, step: int, keep_last: int) -> None:
+        """Add phase k's step checkpoint (latest first) and delete all but the newest ``keep_last``."""
+        manifest = self.read()
+        entry = manifest["phases"][k - 1]
+        path = str(self.step_dir(k, step).relative_to(self.path))
+        ckpts = [path] + [c for c in entry["checkpoints"] if c != path]
+        for old in ckpts[keep_last:]:
+            shutil.rmtree(self.path / old, ignore_errors=True)
+        entry["checkpoints"], entry["step"] = ckpts[:keep_last], step
+        self.write(manifest)
+
+    def next_pending(self) -> int | None:
+        """The first phase not done (for ``--phase auto``), or None when all are done."""
+        for entry in self.read()["phases"]:
+            if entry["status"] != "done":
+                return entry["index"]
+        return None
+
+    def check_phase_ready(self, k: int) -> None:
+        """Phase k can start only after phases 1..k-1 are done (their experts are its rollout)."""
+        manifest = self.read()
+        if not 1 <= k <= len(manifest["phases"]):
+            raise ValueError(f"--phase {k}: this run has phases 1..{len(manifest['phases'])}")
+        for entry in manifest["phases"][: k - 1]:
+            if entry["status"] != "done":
+                raise ValueError(f"phase {k} needs phase {entry['index']} done first (it is {entry['status']}): "
+                                 f"run --phase {entry['index']} or --phase auto")
+            expert = self.path / entry["expert"]
+            if tree_hash(expert) != entry["expert_hash"]:
+                raise ValueError(f"the expert checkpoint of phase {entry['index']} at {expert} changed since it was "
+                                 "written (hash mismatch): restore it or rerun that phase")

@@ -1,0 +1,175 @@
+"""`pdmd train CONFIG --run-dir DIR [--phase all|auto|K] [key=value ...]`: run the phases of a distillation.
+
+All phases in order in one process (default), or one phase per invocation (``--phase auto`` = the next
+pending one; what one Slurm job per phase runs). Resumable: rerun the same command after any stop.
+SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit with code 75 (EX_TEMPFAIL), which
+the Slurm scripts treat as "requeue me".
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+
+import torch
+
+from pdmd.config import ConfigError, RunConfig, load_config
+from pdmd.method import PhaseTrainer
+from pdmd.metrics import MetricsLogger
+from pdmd.phases import RunDir, tree_hash
+
+EXIT_PREEMPTED = 75
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGUSR1; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum, _frame) -> None:
+        self.signal = signum
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML recipe (configs/*.yaml)")
+    p.add_argument("--run-dir", required=True, help="run directory: manifest, checkpoints, metrics")
+    p.add_argument("--phase", default="all", help="all (default), auto (next pending), or a phase number")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 parallel.tp=2")
+
+
+def student_experts(cfg: RunConfig, backend) -> list[int]:
+    """The teacher expert each phase's student starts from: the one owning the phase's first step."""
+    plan = cfg.phase_plan()
+    return [int(backend.expert_of(torch.tensor([plan.phase_start(k)]))[0]) for k in plan.phases]
+
+
+def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLogger, stop: _StopFlag) -> int:
+    from data.loader import PromptDataConfig, PromptLoader
+
+    manifest = run.read()
+    entry = manifest["phases"][k - 1]
+    earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: k - 1]}
+    backend.setup_phase(k, entry["student_expert"], earlier, cfg.phase_plan().renoise_interval(k))
+    loader = PromptLoader(PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size,
+                                                      "seed": cfg.seed}),
+                          dp_rank=backend.dp_rank, dp_size=backend.dp_size)
+    start = 0
+    if entry["checkpoints"]:
+        state = backend.load(run.path / entry["checkpoints"][0])
+        loader.load_state_dict(state["loader"])
+        start = state["step"]
+    run.update_phase(k, status="running")
+    trainer = PhaseTrainer(backend, cfg.phase_plan(), k, cfg.method, cfg.train.latent_shape, cfg.seed)
+    negative_single = loader.negative["text_embeds"].to(backend.device)
+    batches = loader.forever()
+    bad = 0
+    steps = cfg.train.steps
+    for step in range(start, steps):
+        tic = time.perf_counter()
+        batch = next(batches)
+        text = batch["text_embeds"].to(backend.device)
+        negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
+        fake = [trainer.fake_step(step, i, text) for i in range(cfg.method.fake_ratio)]
+        gen = trainer.generator_step(step, text, negative)
+        bad = bad + 1 if gen.get("skipped") else 0
+        if bad >= cfg.train.max_bad_steps:
+            run.update_phase(k, status="failed")
+            raise RuntimeError(f"phase {k}: {bad} generator steps in a row had a non-finite DMD target or loss; "
+                               f"the last good checkpoint is {run.read()['phases'][k - 1]['checkpoints'][:1]}")
+        elapsed = time.perf_counter() - tic
+        scalars = {f"phase{k}/{name}": value for name, value in gen.items()}
+        scalars[f"phase{k}/fake_loss"] = sum(f["fake_loss"] for f in fake) / len(fake)
+        scalars[f"phase{k}/fake_grad_norm"] = max(f["fake_grad_norm"] for f in fake)
+        scalars[f"phase{k}/samples_per_s"] = text.shape[0] * backend.dp_size / elapsed
+        scalars[f"phase{k}/step_time_s"] = elapsed
+        scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad)
+        scalars[f"phase{k}/student_lr"] = cfg.student.lr
+        scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
+        if (step + 1) % cfg.train.log_every == 0:
+            logger.log(_global_step(cfg, k, step), scalars)
+            if backend_rank0():
+                print(f"phase {k} step {step + 1}/{steps} generator_loss={gen['generator_loss']:.4g} "
+                      f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)", flush=True)
+        done = step + 1
+        if done % cfg.train.checkpoint_every == 0 or done == steps or stop.signal is not None:
+            backend.save(run.step_dir(k, done), {"step": done, "loader": loader.state_dict(), "phase": k})
+            if backend_rank0():
+                run.record_checkpoint(k, done, cfg.train.keep_last)
+            _barrier()
+        if stop.signal is not None and done < steps:
+            print(f"phase {k}: signal {stop.signal} received, checkpoint at step {done} saved; exiting", flush=True)
+            return EXIT_PREEMPTED
+    backend.save_expert(run.expert_dir(k))
+    _barrier()
+    if backend_rank0():
+        run.update_phase(k, status="done", step=steps, expert=str(run.expert_dir(k).relative_to(run.path)),
+                         expert_hash=tree_hash(run.expert_dir(k)))
+    _barrier()
+    return 0
+
+
+def _global_step(cfg: RunConfig, k: int, step: int) -> int:
+    return (k - 1) * cfg.train.steps + step + 1
+
+
+def backend_rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
+    """Run the requested phases; returns the process exit code."""
+    from megatron_adapters.backend import MegatronWanBackend
+
+    backend = MegatronWanBackend(cfg)
+    run = RunDir(run_dir)
+    plan = cfg.phase_plan()
+    if backend_rank0():
+        run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict())
+    _barrier()
+    manifest = run.read()
+    logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(), rank=0 if backend_rank0() else 1)
+    stop = _StopFlag()
+    try:
+        if phase == "all":
+            todo = [e["index"] for e in manifest["phases"] if e["status"] != "done"]
+        elif phase == "auto":
+            nxt = run.next_pending()
+            todo = [] if nxt is None else [nxt]
+        else:
+            todo = [int(phase)]
+        for k in todo:
+            run.check_phase_ready(k)
+            code = _phase_loop(cfg, backend, run, k, logger, stop)
+            if code:
+                return code
+        if backend_rank0():
+            print(f"run {run.path}: phases done: {[e['index'] for e in run.read()['phases'] if e['status'] == 'done']}")
+        return 0
+    finally:
+        logger.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.phase not in ("all", "auto") and not args.phase.isdigit():
+        print(f"pdmd train: --phase {args.phase!r}: use all, auto or a phase number", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"pdmd train: {exc}", file=sys.stderr)
+        return 2
+    return train(cfg, args.run_dir, args.phase)

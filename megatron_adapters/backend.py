@@ -76,6 +76,37 @@ def _ensure_adam_state(optimizer) -> None:
                                       "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
 
 
+def _load_optimizer(optimizer, state) -> None:
+    """Megatron's distributed-optimizer load, with the torch-Adam 'step' handled (no Apex/TE).
+
+    Without Apex/TE, Megatron keeps Adam's step in the param groups, gives every parameter state the
+    SAME step tensor on load, and then expects a per-parameter 'step' among the saved tensors (there is
+    none). We let the parameter-state copy keep the step it has, and un-share the tensors afterwards,
+    otherwise torch's Adam would add 1 to the shared step once per parameter.
+    """
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    for opt in chained:
+        setter = opt._set_main_param_and_optimizer_states
+
+        def keep_step(model_param, tensors, _opt=opt, _setter=setter):
+            if "step" not in tensors:
+                group, order = _opt.model_param_group_index_map[model_param]
+                main = _opt.optimizer.param_groups[group]["params"][order]
+                tensors = {**tensors, "step": _opt.optimizer.state[main]["step"]}
+            return _setter(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = keep_step
+    try:
+        optimizer.load_state_dict(state)
+    finally:
+        for opt in chained:
+            del opt._set_main_param_and_optimizer_states
+    for opt in chained:
+        for param_state in opt.optimizer.state.values():
+            if "step" in param_state:
+                param_state["step"] = param_state["step"].detach().clone()
+
+
 class Trainable:
     """A trainable role: its model, DDP wrapper and Megatron optimizer."""
 
@@ -277,7 +308,7 @@ class MegatronWanBackend:
         for name, tr in self.trainables.items():
             prefix = f"{name}.model."
             tr.model.load_state_dict({k[len(prefix):]: v for k, v in loaded[f"{name}.model"].items()}, strict=True)
-            tr.optimizer.load_state_dict(loaded[f"{name}.optim"])
+            _load_optimizer(tr.optimizer, loaded[f"{name}.optim"])
         return json.loads((path / "trainer_state.json").read_text())
 
     def save_expert(self, path: str | Path) -> None:

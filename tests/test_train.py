@@ -1,0 +1,178 @@
+"""The trainer end to end on a tiny Wan2.2-shaped teacher: both phases complete, manifest/metrics/W&B
+contracts hold, a kill -9 in phase 2 resumes to bit-identical experts, a TP=2 run stopped by SIGTERM
+resumes at TP=1, and bad configs fail before any model is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdmd.config import ConfigError, load_config
+from pdmd.method import make_generator
+from pdmd.phases import tree_hash
+from tests.multirank import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
+pytestmark = pytest.mark.multirank
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from tests.tiny_encoders import UMT5_DIM, build_dataset
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=UMT5_DIM)
+    shards, _ = build_dataset("umt5", root / "data")
+    return root, [f"model.teacher.path={teacher}", f"data.shards={shards}"]
+
+
+def _cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
+    train = ["-m", "pdmd.cli", "train", str(RECIPE), "--run-dir", str(run_dir), *overrides]
+    if nproc == 1:
+        return [sys.executable, *train]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), *train]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+
+
+def _train(run_dir: Path, overrides: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    return subprocess.run(_cmd(run_dir, overrides, nproc), capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _expert_tensors(run_dir: Path, k: int) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = run_dir / f"expert{k}.pt"
+    dcp_to_torch_save(run_dir / "checkpoints" / f"phase{k}" / "expert", out)
+    state = torch.load(out, weights_only=False)  # our own file, written just above
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _start_and_kill(run_dir: Path, overrides: list[str], when, sig: int, nproc: int = 1) -> int:
+    """Start a run, wait until ``when(metrics)`` holds, send ``sig``, return the exit code."""
+    proc = subprocess.Popen(_cmd(run_dir, overrides, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=_env(), start_new_session=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            path = run_dir / "metrics.jsonl"
+            if path.is_file() and when(_metrics(run_dir)):
+                os.killpg(proc.pid, sig) if sig == signal.SIGKILL else proc.send_signal(sig)
+                break
+            time.sleep(0.05)
+        return proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny):
+    root, overrides = tiny
+    run_dir = root / "full"
+    proc = _train(run_dir, overrides)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return run_dir
+
+
+def test_two_phase_run_completes_with_contracts(full_run):
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    assert [p["index"] for p in manifest["phases"]] == [1, 2]
+    assert all(p["status"] == "done" for p in manifest["phases"])
+    assert [p["student_expert"] for p in manifest["phases"]] == [0, 1]  # high-noise expert, then low-noise
+    for p in manifest["phases"]:  # earlier experts unchanged by later phases
+        assert tree_hash(full_run / p["expert"]) == p["expert_hash"]
+    rows = _metrics(full_run)
+    keys = set().union(*rows)
+    for k in (1, 2):
+        assert {f"phase{k}/generator_loss", f"phase{k}/fake_loss", f"phase{k}/dmd_grad_norm",
+                f"phase{k}/student_grad_norm", f"phase{k}/samples_per_s"} <= keys
+    assert len([r for r in rows if "phase2/generator_loss" in r]) == 4
+    assert list((full_run / "wandb").glob("offline-run-*")), "an offline W&B run is written"
+    assert (full_run / "checkpoints" / "phase2" / "expert").is_dir()
+
+
+def test_kill_minus_9_in_phase_2_resumes_to_identical_experts(tiny, full_run):
+    root, overrides = tiny
+    run_dir = root / "killed"
+    code = _start_and_kill(run_dir, overrides,
+                           lambda rows: sum("phase2/generator_loss" in r for r in rows) >= 3, signal.SIGKILL)
+    assert code != 0
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["phases"][1]["status"] == "running"
+    proc = _train(run_dir, overrides)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in (1, 2):
+        ours, ref = _expert_tensors(run_dir, k), _expert_tensors(full_run, k)
+        assert ours.keys() == ref.keys() and ours
+        for name, value in ours.items():
+            assert torch.equal(value, ref[name]), (k, name)
+
+
+def test_sigterm_at_tp2_saves_and_resumes_at_tp1(tiny):
+    root, overrides = tiny
+    run_dir = root / "tp2_then_tp1"
+    tp2 = [*overrides, "parallel.tp=2", "train.checkpoint_every=100"]
+    code = _start_and_kill(run_dir, tp2, lambda rows: len(rows) >= 1, signal.SIGTERM, nproc=2)
+    assert code != 0  # torchrun reports the workers' exit code 75 as a failure
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    phase1 = manifest["phases"][0]
+    assert phase1["checkpoints"] and phase1["status"] == "running", manifest
+    stopped_at = phase1["step"]
+    assert 1 <= stopped_at < 4
+    proc = _train(run_dir, [*overrides, "parallel.tp=1", "train.checkpoint_every=100"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    steps = [r["step"] for r in _metrics(run_dir) if "phase1/generator_loss" in r]
+    assert steps[-1] == 4 and all(s <= stopped_at for s in steps[:stopped_at])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("plan.boundaries=[1.0,0.5,0.7,0.0]", "plan:"),
+        ("method.fake_ratio=0", "method.fake_ratio=0"),
+        ("model.teacher.path=/nonexistent", "model.teacher.path"),
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("method.dmd_form=score", "method.dmd_form='score'"),
+    ],
+)
+def test_bad_config_fails_before_any_model(tiny, override, message):
+    _, overrides = tiny
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        extra = [] if override.startswith("plan.boundaries") else []
+        load_config(RECIPE, [*overrides, override, *extra] if not override.startswith("plan.") else
+                    [*overrides, "plan.num_phases=null", override])
+
+
+def test_bad_config_exit_code_and_message(tiny, tmp_path):
+    _, overrides = tiny
+    proc = _train(tmp_path / "run", [*overrides, "method.fake_ratio=0"])
+    assert proc.returncode == 2
+    assert "method.fake_ratio=0" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_randomness_same_for_model_parallel_peers_different_across_replicas():
+    def draw(dp_rank):
+        return torch.randn(4, generator=make_generator(7, 2, 11, "generator", dp_rank))
+
+    assert torch.equal(draw(0), draw(0))  # every TP/PP/CP peer of a replica passes the same dp rank
+    assert not torch.equal(draw(0), draw(1))
+    assert not torch.equal(torch.randn(4, generator=make_generator(7, 2, 12, "generator", 0)), draw(0))

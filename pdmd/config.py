@@ -143,11 +143,17 @@ def _build(cls, raw: Any, where: str):
     return cls(**values)
 
 
-def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
-    """Read a recipe and apply ``key=value`` overrides (the recipe's own dotted key names)."""
+def load_config(path: str | Path | dict | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a recipe (a YAML path, or an already-parsed dict) and apply ``key=value`` overrides (the
+    recipe's own dotted key names)."""
     from omegaconf import OmegaConf
 
-    base = OmegaConf.create({}) if path is None else OmegaConf.load(str(path))
+    if path is None or isinstance(path, dict):
+        base = OmegaConf.create(path or {})
+    else:
+        if not Path(path).is_file():
+            raise ConfigError(f"no recipe at {path}: pass a YAML file such as configs/tiny_wan22.yaml")
+        base = OmegaConf.load(str(path))
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=10)")

@@ -172,4 +172,9 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"pdmd train: {exc}", file=sys.stderr)
         return 2
-    return train(cfg, args.run_dir, args.phase)
+    try:
+        return train(cfg, args.run_dir, args.phase)
+    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
+        # Errors a user can act on (bad layout, unfinished earlier phase, diverged training): one line.
+        print(f"pdmd train: {exc}", file=sys.stderr)
+        return 1

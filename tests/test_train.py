@@ -176,3 +176,17 @@ def test_randomness_same_for_model_parallel_peers_different_across_replicas():
     assert torch.equal(draw(0), draw(0))  # every TP/PP/CP peer of a replica passes the same dp rank
     assert not torch.equal(draw(0), draw(1))
     assert not torch.equal(torch.randn(4, generator=make_generator(7, 2, 12, "generator", 0)), draw(0))
+
+
+def test_non_finite_steps_stop_the_phase_with_checkpoints_intact(tiny):
+    root, overrides = tiny
+    run_dir = root / "nan"
+    # A CFG scale this large overflows fp32: every DMD target is inf/nan, so every generator step is skipped.
+    proc = _train(run_dir, [*overrides, "method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"])
+    assert proc.returncode != 0
+    assert "2 generator steps in a row had a non-finite" in proc.stderr
+    phase1 = json.loads((run_dir / "manifest.json").read_text())["phases"][0]
+    assert phase1["status"] == "failed" and phase1["step"] == 1
+    assert (run_dir / phase1["checkpoints"][0] / "trainer_state.json").is_file()
+    rows = _metrics(run_dir)
+    assert rows[0]["phase1/skipped"] == 1.0 and rows[0]["phase1/generator_loss"] is None

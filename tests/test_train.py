@@ -190,3 +190,13 @@ def test_non_finite_steps_stop_the_phase_with_checkpoints_intact(tiny):
     assert (run_dir / phase1["checkpoints"][0] / "trainer_state.json").is_file()
     rows = _metrics(run_dir)
     assert rows[0]["phase1/skipped"] == 1.0 and rows[0]["phase1/generator_loss"] is None
+
+
+def test_paper_recipe_parses_with_its_settings(tiny):
+    _, overrides = tiny
+    cfg = load_config(ROOT / "configs" / "wan22_t2v_a14b.yaml", overrides)
+    plan = cfg.phase_plan()
+    assert [round(1000 * t) for t in plan.timesteps] == [1000, 938, 833, 625]
+    assert plan.renoise_interval(1)[0] == pytest.approx(0.875) and plan.renoise_interval(2) == (plan.phase_end(2), 1.0)
+    assert (cfg.student.lora.rank, cfg.student.lora.alpha, cfg.student.lr, cfg.fake.lr, cfg.method.fake_ratio) == (
+        64, 8.0, 5e-5, 4e-7, 5)

@@ -18,6 +18,7 @@ different across data-parallel replicas, and the same after a restart.
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 
 import torch
@@ -81,20 +82,29 @@ class PhaseTrainer:
         return eps, t, renoise(x_s, eps, self.s, t)
 
     def generator_step(self, step: int, text: torch.Tensor, negative: torch.Tensor) -> dict[str, float]:
+        clock = [time.perf_counter()]
+
+        def lap() -> float:
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
         gen = self._gen(step, "generator")
         r = self.rollout(text, gen)
         eps, t, x_t = self._renoise(r.x_gen, gen)
+        timing = {"time_rollout_s": lap()}
         v_real = self.backend.velocity("teacher", x_t, t, text)
         if self.method.cfg_scale != 1.0:
             v_uncond = self.backend.velocity("teacher", x_t, t, negative)
             v_real = obj.cfg_velocity(v_real, v_uncond, self.method.cfg_scale)
+        timing["time_teacher_s"] = lap()
         v_fake = self.backend.velocity("fake", x_t, t, text)
+        timing["time_fake_s"] = lap()
         if self.method.dmd_form == "velocity":
             dmd = obj.dmd_velocity_loss(r.x_gen, v_real, v_fake, self.s, t)
         else:
             dmd = obj.dmd_x0_loss(r.x_gen, x0_from_velocity(x_t, v_real, t), x0_from_velocity(x_t, v_fake, t))
         metrics = {"dmd_grad_norm": dmd.grad.float().norm().item(), "t_mean": t.mean().item(),
-                   "sgts_step": float(r.step)}
+                   "t_min": t.min().item(), "t_max": t.max().item(), "sgts_step": float(r.step), **timing}
         if not torch.isfinite(dmd.target).all():
             return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
         target, x_in, jump = dmd.target, r.x_in, self.s - r.t_in
@@ -105,7 +115,7 @@ class PhaseTrainer:
         t_in = torch.full((x_in.shape[0],), r.t_in, device=x_in.device)
         out = self.backend.train_step("student", x_in, t_in, text, loss_fn)
         return {**metrics, "generator_loss": out["loss"], "student_grad_norm": out["grad_norm"],
-                "skipped": out.get("skipped", 0.0)}
+                "skipped": out.get("skipped", 0.0), "time_student_update_s": lap()}
 
     def fake_step(self, step: int, index: int, text: torch.Tensor) -> dict[str, float]:
         gen = self._gen(step, f"fake{index}")

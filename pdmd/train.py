@@ -90,6 +90,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
         scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad)
         scalars[f"phase{k}/student_lr"] = cfg.student.lr
         scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
+        scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
         if (step + 1) % cfg.train.log_every == 0:
             logger.log(_global_step(cfg, k, step), scalars)
             if backend_rank0():
@@ -111,6 +112,15 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
                          expert_hash=tree_hash(run.expert_dir(k)))
     _barrier()
     return 0
+
+
+def _peak_memory_gb() -> float:
+    """Peak GPU memory of this rank, or the process's resident memory on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**30
 
 
 def _global_step(cfg: RunConfig, k: int, step: int) -> int:

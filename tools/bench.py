@@ -60,6 +60,7 @@ class Entry:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], Result]
+    libraries: tuple[str, ...] = ()  # versions to record besides torch, megatron-core and diffusers
 
 
 # -- environment and record --------------------------------------------------------------------------
@@ -84,10 +85,10 @@ def machine(device: torch.device) -> str:
     return text
 
 
-def versions() -> str:
-    """Python and the versions of the libraries the benchmarks measure."""
+def versions(extra: tuple[str, ...] = ()) -> str:
+    """Python, torch, megatron-core, diffusers and ``extra`` distributions, with their versions."""
     parts = [f"Python {platform.python_version()}"]
-    for dist in ("torch", "megatron-core", "diffusers"):
+    for dist in ("torch", "megatron-core", "diffusers", *extra):
         try:
             parts.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
@@ -120,7 +121,7 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def section(name: str, result: Result, argv: list[str], device: torch.device) -> str:
+def section(name: str, result: Result, argv: list[str], device: torch.device, libraries: tuple[str, ...] = ()) -> str:
     """The markdown section appended to docs/benchmarks.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
@@ -128,7 +129,7 @@ def section(name: str, result: Result, argv: list[str], device: torch.device) ->
         "",
         f"- date: {now}, commit {git_commit()}",
         f"- machine: {machine(device)}",
-        f"- versions: {versions()}",
+        f"- versions: {versions(libraries)}",
         f"- command: `{command_line(argv)}`",
         *(f"- {n}" for n in result.notes),
         "",
@@ -400,7 +401,8 @@ def run_data(args: argparse.Namespace) -> Result:
 
 ENTRIES: dict[str, Entry] = {
     "block": Entry("our Wan DiT vs diffusers: fwd and fwd+bwd time, ratio, rel err", _block_arguments, run_block),
-    "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data),
+    "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data,
+                  libraries=("webdataset", "safetensors")),
 }
 
 
@@ -420,17 +422,18 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
-    result = ENTRIES[args.entry].run(args)
+    entry = ENTRIES[args.entry]
+    result = entry.run(args)
     print(f"bench {args.entry}: {result.title}")
     for n in result.notes:
         print(f"  {n}")
-    print(f"  machine: {machine(result.device)}; {versions()}")
+    print(f"  machine: {machine(result.device)}; {versions(entry.libraries)}")
     print(table(result.headers, result.rows), flush=True)
     if not result.ok:
         print(f"bench {args.entry}: FAILED its correctness check; not recorded", file=sys.stderr)
         return 1
     if not args.no_record:
-        record(section(args.entry, result, argv, result.device))
+        record(section(args.entry, result, argv, result.device, entry.libraries))
         print(f"recorded in {DOC.relative_to(ROOT)}")
     return 0
 

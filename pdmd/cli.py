@@ -17,6 +17,7 @@ from pdmd import __version__
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.demo", "run the whole method on CPU with tiny models (the README's first command)"),
     ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
+    ("sample", "pdmd.sample", "few-step samples from a run or an export: pdmd sample --run DIR --embeds F --out F"),
     ("toy-1d", "pdmd.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
 ]
 

@@ -1,0 +1,201 @@
+"""`python tools/convert_to_diffusers.py`: a finished run as a diffusers pipeline (or LoRA files) that
+reproduces `pdmd sample`, and ``--verify`` to prove it on this machine.
+
+Wan2.2 with two phases -> WanPipeline: phase 1 in ``transformer`` (high noise), phase 2 in
+``transformer_2``, ``boundary_ratio`` between them, a FlowMatchEulerDiscreteScheduler whose
+``set_timesteps(N)`` is exactly the distilled timesteps (pdmd/export_layout.py). One phase -> WanPipeline
+with ``transformer`` only. Other phase counts -> ``experts/phaseK`` folders plus ``pdmd_export.json``,
+sampled by ``pdmd sample --export`` (docs/export.md). Megatron is imported only when a run is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from pdmd.export_files import (
+    base_components,
+    check_against_teacher,
+    copy_components,
+    dtype_kwarg,
+    parse_dtype,
+    write_json,
+    write_lora,
+    write_scheduler,
+    write_transformer,
+)
+from pdmd.export_layout import (
+    EXPORT_INFO,
+    ExportError,
+    RunInfo,
+    check_scheduler,
+    choose_boundary_ratio,
+    export_info,
+    flow_match_scheduler_config,
+    is_wan_pipeline,
+    lora_file,
+    model_index,
+    phase_folders,
+    read_json,
+    read_run,
+)
+
+VERIFY_TOL = {"fp32": 1e-4, "bf16": 5e-2}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--run", required=True, help="a finished run directory (manifest.json, checkpoints/)")
+    p.add_argument("--out", required=True, help="the diffusers folder to write")
+    p.add_argument("--base-pipeline", help="diffusers Wan pipeline folder to copy text_encoder/, tokenizer/, vae/ "
+                   "from (default: the run's teacher folder, for what it has)")
+    p.add_argument("--lora-only", action="store_true", help="write per-phase LoRA files (LoRA students) instead")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the run's model.dtype)")
+    p.add_argument("--teacher", help="the run's teacher folder, if it moved since training")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load with (under torchrun)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel ranks to load with (under torchrun)")
+    p.add_argument("--verify", action="store_true", help="load the export with diffusers and compare with our sampler")
+    p.add_argument("--seed", type=int, default=0, help="--verify: noise and prompt-embedding seed")
+    p.add_argument("--no-hash-check", action="store_true", help="skip re-hashing the expert checkpoints")
+
+
+def _rank0() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
+        raise ExportError(f"--out {out} exists and is not an earlier export: choose a new or empty folder")
+
+
+def export(args: argparse.Namespace) -> tuple[float, float] | None:
+    """Write the export; with --verify returns (relative error, tolerance) on rank 0, else None."""
+    run = read_run(args.run, args.teacher, check_hashes=not args.no_hash_check)
+    out, k_count = Path(args.out), run.plan.num_phases
+    dtype_name = args.dtype or run.config["model"]["dtype"]
+    dtype = parse_dtype(dtype_name)
+    base = Path(args.base_pipeline) if args.base_pipeline else None
+    _check_out(out)
+    wan_pipeline = is_wan_pipeline(k_count) or args.lora_only
+    scheduler = flow_match_scheduler_config(run.plan.timesteps)
+    sched_ts = check_scheduler(scheduler, run.plan.timesteps)
+    ratio = choose_boundary_ratio(run.plan, sched_ts, run.teacher_boundary) if k_count == 2 else None
+    from megatron_adapters.export import RunExperts
+
+    experts = RunExperts(run, tp=args.tp, pp=args.pp)
+    folders = phase_folders(k_count)
+    for p in run.phases:
+        origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
+        if args.lora_only:
+            state = experts.lora_diffusers(p.index)
+            if _rank0():
+                write_lora(out / lora_file(p.index), state, dtype, origin)
+        else:
+            state = experts.expert_diffusers(p.index)
+            if _rank0():
+                check_against_teacher(state, run.expert_folder(p.student_expert), f"phase {p.index}")
+                write_transformer(out / folders[p.index], state, run.expert_folder(p.student_expert), dtype)
+            if not args.verify:
+                experts.backend.experts.pop(p.index, None)  # a 14B expert is freed before the next one loads
+        del state
+        if _rank0():
+            print(f"convert_to_diffusers: phase {p.index} -> "
+                  f"{out / (lora_file(p.index) if args.lora_only else folders[p.index])}", flush=True)
+    if _rank0():
+        write_scheduler(out, scheduler)
+        info = export_info(run, scheduler, ratio, lora_only=args.lora_only, dtype=dtype_name)
+        if not args.lora_only:
+            found = base_components(base if base is not None else run.teacher)
+            present = copy_components(found, out)
+            if wan_pipeline:
+                write_json(out / "model_index.json", model_index(read_json((base or run.teacher) / "model_index.json"),
+                                                                 k_count, ratio, present))
+            info["components"] = present
+        write_json(out / EXPORT_INFO, info)
+        print(f"convert_to_diffusers: wrote {out} ({info['kind']}; timesteps {[round(t * 1000, 3) for t in run.plan.timesteps]}"
+              f", boundary_ratio {ratio})", flush=True)
+    _barrier()
+    if not args.verify:
+        return None
+    return verify(run, out, experts, args, dtype_name)
+
+
+def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_name: str) -> tuple[float, float] | None:
+    """Our sampler (Megatron experts) vs the export loaded by diffusers, same noise and prompt embeddings."""
+    import json
+
+    from pdmd.sample import euler_sample, initial_noise
+
+    shape = (1, *run.config["train"]["latent_shape"])
+    text_dim = json.loads((run.expert_folder(0) / "config.json").read_text()).get("text_dim", 4096)
+    x = initial_noise(shape, args.seed)
+    text = torch.randn(1, 16, text_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    dev = experts.backend.device
+    ours = euler_sample(experts.velocity, run.plan, x.to(dev), text.to(dev)).cpu()
+    if not _rank0():
+        return None
+    theirs = exported_latents(run, out, args, dtype_name, x, text)
+    err = ((theirs.double() - ours.double()).norm() / ours.double().norm()).item()
+    tol = VERIFY_TOL[dtype_name]
+    print(f"convert_to_diffusers --verify: latents {list(shape)}, {run.plan.num_steps} steps: rel err {err:.3e} "
+          f"(tolerance {tol:g}) {'PASS' if err <= tol else 'FAIL'}", flush=True)
+    return err, tol
+
+
+def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_name: str, x: torch.Tensor,
+                     text: torch.Tensor) -> torch.Tensor:
+    """The export's own answer: WanPipeline.from_pretrained (or base + load_lora_weights), else our sampler
+    over the exported diffusers transformers (experts layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    from pdmd.sample import ExportedExperts, euler_sample
+
+    dtype = parse_dtype(dtype_name)
+    k_count = run.plan.num_phases
+    if not args.lora_only and not is_wan_pipeline(k_count):
+        exported = ExportedExperts(out, dtype_name)
+        return euler_sample(exported.velocity, exported.plan, x, text)
+    if args.lora_only:
+        folders = phase_folders(k_count)
+        wrong = [p for p in run.phases if not is_wan_pipeline(k_count) or run.subfolders[p.student_expert] != folders[p.index]]
+        if wrong:
+            p = wrong[0]
+            raise ExportError(f"phase {p.index}'s adapters apply to the teacher's {run.subfolders[p.student_expert]}, "
+                              "which WanPipeline does not run for that phase: load them with our sampler, or export "
+                              "the merged pipeline (without --lora-only)")
+        base = Path(args.base_pipeline) if args.base_pipeline else run.teacher
+        pipe = WanPipeline.from_pretrained(base, text_encoder=None, tokenizer=None, vae=None, **dtype_kwarg(dtype),
+                                           scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
+                                           boundary_ratio=read_json(out / EXPORT_INFO)["boundary_ratio"])
+        for p in run.phases:
+            pipe.load_lora_weights(str(out), weight_name=lora_file(p.index), adapter_name=f"phase{p.index}",
+                                   load_into_transformer_2=p.index == 2)
+    else:
+        pipe = WanPipeline.from_pretrained(out, text_encoder=None, tokenizer=None, vae=None, **dtype_kwarg(dtype))
+    _, _, f, h, w = x.shape
+    result = pipe(prompt_embeds=text, latents=x, num_inference_steps=run.plan.num_steps, guidance_scale=1.0,
+                  height=h * 8, width=w * 8, num_frames=(f - 1) * 4 + 1, output_type="latent", return_dict=False)[0]
+    return result.float()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="convert_to_diffusers", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        result = export(args)
+    except ExportError as exc:
+        print(f"convert_to_diffusers: {exc}", file=sys.stderr)
+        return 2
+    return 1 if result is not None and result[0] > result[1] else 0

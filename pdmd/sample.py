@@ -1,0 +1,285 @@
+"""`pdmd sample`: the few-step sampler of a distilled run, the reference every export is checked against.
+
+Euler over the distilled timesteps, x_{i+1} = x_i + (t_{i+1} - t_i) v, with phase k's expert for the
+steps of phase k and CFG 1 unless asked (exactly the rollout the trainer ran). The experts come from
+the run directory (Megatron checkpoints, through the trainer's backend; under torchrun at any TP/PP/CP)
+or from an export folder (``--export``: diffusers transformers, any phase count). Prompts come as
+precomputed ``prompt_embeds`` [B, L, D] (``--embeds``) or as text through the UMT5 encoder, padded with
+zeros to 512 tokens as WanPipeline does. Initial noise is ``--latents`` or drawn from ``--seed`` exactly
+as WanPipeline draws it with ``generator=torch.Generator("cpu").manual_seed(seed)``.
+Writes ``--out`` (safetensors, key ``latents``) and, with a VAE, decoded PNG (one frame) / GIF / MP4 files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from pdmd.export_files import dtype_kwarg
+from pdmd.export_layout import EXPORT_INFO, ExportError
+from pdmd.schedule import PhasePlan
+
+Velocity = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (phase, x, t [B], text) -> v
+WAN_SCALE = (4, 8)  # WanPipeline's temporal / spatial VAE factors when it has no VAE
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a finished run directory (experts read from its Megatron checkpoints)")
+    src.add_argument("--export", help="a folder written by tools/convert_to_diffusers.py (not --lora-only)")
+    p.add_argument("--out", required=True, help="output .safetensors file (key: latents [B, C, F, H, W])")
+    p.add_argument("--embeds", help="safetensors with prompt_embeds [B, L, D] (and optional negative_prompt_embeds)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable); needs a text encoder")
+    p.add_argument("--prompts", help="a text file, one prompt per line")
+    p.add_argument("--encoder-path", help="pipeline folder with tokenizer/ and text_encoder/ (default: the export, "
+                   "else the run's teacher)")
+    p.add_argument("--max-length", type=int, default=512, help="prompt tokens, zero-padded (WanPipeline: 512)")
+    p.add_argument("--negative-prompt", default="", help="for --guidance-scale > 1")
+    p.add_argument("--guidance-scale", type=float, default=1.0, help="CFG scale; 1 (default) = no CFG, as distilled")
+    p.add_argument("--latents", help="safetensors with latents [B, C, F, H, W]: the initial noise")
+    p.add_argument("--seed", type=int, default=0, help="noise seed when --latents is not given")
+    p.add_argument("--height", type=int, help="pixels (WanPipeline semantics); default: the run's latent shape")
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int)
+    p.add_argument("--vae", help="AutoencoderKLWan folder, or a pipeline folder with vae/: also decode")
+    p.add_argument("--video-format", choices=["gif", "mp4"], default="gif", help="for more than one frame")
+    p.add_argument("--teacher", help="the run's teacher folder, if it moved since training")
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--pp", type=int, default=1)
+    p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="--export only: the transformers' dtype")
+
+
+# --- the sampler -----------------------------------------------------------------------------------
+@torch.no_grad()
+def euler_sample(velocity: Velocity, plan: PhasePlan, x: torch.Tensor, text: torch.Tensor,
+                 negative: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
+    """Our sampler: the trainer's rollout (pdmd/method.py) run to t = 0, CFG as WanPipeline does it (g > 1)."""
+    if guidance > 1.0 and negative is None:
+        raise ValueError("guidance > 1 needs negative prompt embeddings")
+    times = [*plan.timesteps, 0.0]
+    x = x.float()
+    for i in range(plan.num_steps):
+        k = plan.phase_of_step(i)
+        t = torch.full((x.shape[0],), times[i], device=x.device)
+        v = velocity(k, x, t, text)
+        if guidance > 1.0:
+            v_neg = velocity(k, x, t, negative)
+            v = v_neg + guidance * (v - v_neg)
+        x = x + (times[i + 1] - times[i]) * v.float()
+    return x
+
+
+def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """What WanPipeline.prepare_latents draws with a CPU generator seeded by ``seed`` (float32)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"),
+                        dtype=torch.float32)
+
+
+def pad_embeds(embeds: list[torch.Tensor], max_length: int) -> torch.Tensor:
+    """Trimmed [L_i, D] embeddings -> [B, max_length, D], zero-padded like WanPipeline._get_t5_prompt_embeds."""
+    out = embeds[0].new_zeros(len(embeds), max_length, embeds[0].shape[-1])
+    for i, e in enumerate(embeds):
+        out[i, : min(len(e), max_length)] = e[:max_length]
+    return out.float()
+
+
+# --- experts from an export folder -------------------------------------------------------------------
+class ExportedExperts:
+    """Phase k's diffusers WanTransformer3DModel from an export folder (``pdmd_export.json`` says where)."""
+
+    def __init__(self, folder: str | Path, dtype: str | None = None) -> None:
+        from diffusers import WanTransformer3DModel
+
+        self.folder = Path(folder)
+        info_path = self.folder / EXPORT_INFO
+        if not info_path.is_file():
+            raise ExportError(f"--export {self.folder}: no {EXPORT_INFO}; is this a folder written by "
+                              "tools/convert_to_diffusers.py?")
+        self.info = json.loads(info_path.read_text())
+        if self.info["kind"] == "lora":
+            raise ExportError(f"--export {self.folder} holds LoRA files only: load them into the base pipeline "
+                              "(docs/export.md), or sample the run with --run")
+        self.plan = PhasePlan(tuple(self.info["timesteps"]), tuple(self.info["boundaries"]))
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or self.info.get("dtype", "fp32")]
+        self.models = {p["index"]: WanTransformer3DModel.from_pretrained(self.folder / p["folder"],
+                                                                         **dtype_kwarg(self.dtype)).eval()
+                       for p in self.info["phases"]}
+
+    def in_channels(self) -> int:
+        return int(self.models[1].config.in_channels)
+
+    @torch.no_grad()
+    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        m = self.models[k]
+        return m(x.to(self.dtype), t * 1000.0, text.to(self.dtype), return_dict=False)[0].float()
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def read_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise ExportError(f"{what} {path}: no such file")
+    return load_file(str(path))
+
+
+def prompt_inputs(args: argparse.Namespace, default_encoder: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prompt_embeds [B, L, D], negative or None) from --embeds or from prompts through the encoder."""
+    prompts = list(args.prompt)
+    if args.prompts:
+        prompts += [line.strip() for line in Path(args.prompts).read_text(encoding="utf-8").splitlines() if line.strip()]
+    if args.embeds and prompts:
+        raise ExportError("give --embeds or prompts (--prompt / --prompts), not both")
+    need_negative = args.guidance_scale > 1.0
+    if args.embeds:
+        data = read_tensors(args.embeds, "--embeds")
+        if "prompt_embeds" not in data or data["prompt_embeds"].dim() != 3:
+            raise ExportError(f"--embeds {args.embeds} must hold prompt_embeds [B, L, D]; it has {sorted(data)}")
+        neg = data.get("negative_prompt_embeds")
+        if need_negative and neg is None:
+            raise ExportError(f"--guidance-scale {args.guidance_scale} needs negative_prompt_embeds in --embeds")
+        return data["prompt_embeds"].float(), (neg.float() if neg is not None else None)
+    if not prompts:
+        raise ExportError("nothing to sample: give --embeds FILE.safetensors, --prompt TEXT or --prompts FILE")
+    from data.encoders import load_prompt_encoder
+
+    path = args.encoder_path or default_encoder
+    if path is None or not (Path(path) / "text_encoder").is_dir():
+        raise ExportError(f"prompts need a UMT5 text encoder: pass --encoder-path DIR (a pipeline folder with "
+                          f"tokenizer/ and text_encoder/){'' if path is None else f'; {path} has none'}")
+    enc = load_prompt_encoder("umt5", path, dtype="fp32", device="cpu", max_length=args.max_length)
+    embeds = pad_embeds(enc.encode(prompts), args.max_length)
+    negative = pad_embeds(enc.encode([args.negative_prompt] * len(prompts)), args.max_length) if need_negative else None
+    return embeds, negative
+
+
+def noise_shape(args: argparse.Namespace, batch: int, channels: int, default: list[int],
+                vae_scale: tuple[int, int]) -> tuple[int, ...]:
+    """[B, C, F, H, W] from --height/--width/--num-frames as WanPipeline converts them, else ``default``."""
+    given = [args.height, args.width, args.num_frames]
+    if not any(v is not None for v in given):
+        return (batch, channels, *default[1:])
+    if any(v is None for v in given):
+        raise ExportError("give all of --height, --width and --num-frames (or none: the run's latent shape)")
+    temporal, spatial = vae_scale
+    return (batch, channels, (args.num_frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
+
+
+def vae_folder(path: str | Path | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if (p / "vae" / "config.json").is_file():
+        return p / "vae"
+    if (p / "config.json").is_file():
+        return p
+    raise ExportError(f"--vae {p}: neither an AutoencoderKLWan folder nor a pipeline folder with vae/")
+
+
+def decode_and_save(latents: torch.Tensor, vae_dir: Path, out: Path, video_format: str) -> list[Path]:
+    """Decode as WanPipeline does (un-normalise, vae.decode, postprocess) and write one file per sample."""
+    from diffusers import AutoencoderKLWan
+    from diffusers.video_processor import VideoProcessor
+
+    vae = AutoencoderKLWan.from_pretrained(vae_dir, **dtype_kwarg(torch.float32)).eval()
+    z = vae.config.z_dim
+    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+    with torch.no_grad():
+        video = vae.decode(latents.float() * std + mean, return_dict=False)[0]
+    frames = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial).postprocess_video(video, output_type="pil")
+    written = []
+    for i, clip in enumerate(frames):
+        if len(clip) == 1:
+            path = out.with_name(f"{out.stem}_{i}.png")
+            clip[0].save(path)
+        elif video_format == "gif":
+            path = out.with_name(f"{out.stem}_{i}.gif")
+            clip[0].save(path, save_all=True, append_images=clip[1:], duration=62, loop=0)
+        else:
+            from diffusers.utils import export_to_video
+
+            path = out.with_name(f"{out.stem}_{i}.mp4")
+            try:
+                export_to_video(clip, str(path), fps=16)
+            except ImportError as exc:
+                raise ExportError(f"MP4 needs imageio and imageio-ffmpeg ({exc}); use --video-format gif") from exc
+        written.append(path)
+    return written
+
+
+# --- the command ---------------------------------------------------------------------------------------
+def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str]]:
+    """Run the sampler as asked; returns (latents on rank 0 else None, metadata for the output file)."""
+    if args.export:
+        experts = ExportedExperts(args.export, args.dtype)
+        plan, velocity, default_shape = experts.plan, experts.velocity, None
+        channels, encoder = experts.in_channels(), Path(args.export)
+        source = {"export": str(Path(args.export).resolve())}
+    else:
+        from megatron_adapters.export import RunExperts
+        from pdmd.export_layout import read_run
+
+        run = read_run(args.run, args.teacher, check_hashes=False)
+        plan, default_shape = run.plan, list(run.config["train"]["latent_shape"])
+        channels = json.loads((run.expert_folder(0) / "config.json").read_text()).get("in_channels", 16)
+        encoder = run.teacher
+        source = {"run": str(run.path.resolve())}
+    text, negative = prompt_inputs(args, encoder)
+    vae = vae_folder(args.vae)
+    scale = WAN_SCALE
+    if vae is not None:
+        cfg = json.loads((vae / "config.json").read_text())
+        scale = (cfg.get("scale_factor_temporal", 4), cfg.get("scale_factor_spatial", 8))
+    if args.latents:
+        x = read_tensors(args.latents, "--latents").get("latents")
+        if x is None or x.dim() != 5:
+            raise ExportError(f"--latents {args.latents} must hold latents [B, C, F, H, W]")
+    else:
+        if default_shape is None and args.height is None:
+            raise ExportError("--export without --latents needs --height, --width and --num-frames")
+        x = initial_noise(noise_shape(args, text.shape[0], channels, default_shape or [], scale), args.seed)
+    if x.shape[0] != text.shape[0]:
+        raise ExportError(f"{x.shape[0]} initial latents but {text.shape[0]} prompt embeddings: give one per prompt")
+    if x.shape[1] != channels:
+        raise ExportError(f"latents have {x.shape[1]} channels, the model takes {channels}")
+    if not args.export:
+        experts = RunExperts(run, tp=args.tp, pp=args.pp, cp=args.cp, latent_shape=tuple(x.shape[1:]))
+        velocity = experts.velocity
+        x, text = x.to(experts.backend.device), text.to(experts.backend.device)
+        negative = negative.to(experts.backend.device) if negative is not None else None
+    latents = euler_sample(velocity, plan, x, text, negative, args.guidance_scale).cpu()
+    meta = {**source, "timesteps": json.dumps(list(plan.timesteps)), "guidance_scale": str(args.guidance_scale),
+            "seed": "" if args.latents else str(args.seed)}
+    import torch.distributed as dist
+
+    return (latents if not dist.is_initialized() or dist.get_rank() == 0 else None), meta
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        latents, meta = sample(args)
+    except ExportError as exc:
+        print(f"pdmd sample: {exc}", file=sys.stderr)
+        return 2
+    if latents is None:
+        return 0
+    from safetensors.torch import save_file
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"latents": latents.contiguous()}, str(out), metadata=meta)
+    print(f"pdmd sample: wrote {out} (latents {list(latents.shape)})")
+    vae = vae_folder(args.vae)
+    if vae is not None:
+        for path in decode_and_save(latents, vae, out, args.video_format):
+            print(f"pdmd sample: wrote {path}")
+    return 0

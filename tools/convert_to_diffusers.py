@@ -1,0 +1,21 @@
+#!/usr/bin/env python
+"""Export a finished Phased DMD run as a diffusers pipeline that reproduces `pdmd sample` (docs/export.md).
+
+    python tools/convert_to_diffusers.py --run RUN_DIR --out OUT [--base-pipeline DIR] [--lora-only]
+        [--dtype fp32|bf16] [--teacher DIR] [--verify]
+    torchrun --nproc-per-node N tools/convert_to_diffusers.py ... --tp N     # experts too big for one process
+
+Exit codes: 0 done (and --verify passed), 1 --verify failed, 2 the run cannot be exported as asked.
+"""
+
+import sys
+
+from pdmd.export import main
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    finally:
+        from megatron_adapters.parallel import shutdown
+
+        shutdown()

@@ -3,8 +3,9 @@
 ``SDPAttention`` is the local (torch-only) core attention: bidirectional, with an optional key mask,
 through ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels where torch has them, also
 on CPU). Under context parallelism each rank keeps its queries and all-gathers keys and values over the
-CP group (exact; gradients flow back to the rank that owns each key). Transformer Engine's attention
-replaces it in the TE spec.
+CP group (exact; gradients flow back to the rank that owns each key). Joint attention (Qwen-Image:
+[text; image]) passes the replicated text keys/values as ``prefix_kv``: they are put in front of the
+gathered image keys/values and are never gathered themselves.
 
 ``AllHeadsRMSNorm`` is Wan's q/k norm: RMS over the WHOLE hidden dim (all heads together). Under TP a
 rank holds only some heads, so the sum of squares is all-reduced over TP; a per-rank norm would be a
@@ -39,6 +40,8 @@ class SDPAttention(MegatronModule):
 
     ``gather_kv_over_cp``: self-attention keys/values are sharded over CP ranks and must be gathered;
     cross-attention keys/values (text, image context) are replicated and must not be.
+    ``prefix_kv``: keys/values replicated over CP (joint attention's text) placed before the gathered
+    ones; ``key_mask`` then covers [prefix; all gathered keys].
     """
 
     def __init__(self, config, gather_kv_over_cp: bool = True) -> None:
@@ -46,11 +49,14 @@ class SDPAttention(MegatronModule):
         self.gather_kv_over_cp = gather_kv_over_cp
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                key_mask: torch.Tensor | None = None) -> torch.Tensor:
+                key_mask: torch.Tensor | None = None,
+                prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         if self.gather_kv_over_cp:
             group = _cp_group()
             key = all_gather_for_shared_use(key, 0, group)
             value = all_gather_for_shared_use(value, 0, group)
+        if prefix_kv is not None:
+            key, value = torch.cat([prefix_kv[0], key]), torch.cat([prefix_kv[1], value])
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
         mask = None
         if key_mask is not None:  # [b, s_k] True = attend

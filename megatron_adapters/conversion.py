@@ -55,6 +55,23 @@ class Layout:
     post_process: bool = True
 
 
+def linear_rules(megatron: str, diffusers: str, kind: str) -> list[Rule]:
+    """Weight and bias of one linear; a Row-parallel linear's bias is replicated (added after the sum)."""
+    bias_kind = "replicated" if kind == "row" else kind
+    return [Rule(f"{megatron}.weight", (f"{diffusers}.weight",), kind),
+            Rule(f"{megatron}.bias", (f"{diffusers}.bias",), bias_kind)]
+
+
+def fused_linear_rules(megatron: str, diffusers: tuple[str, ...], head_dim: int) -> list[Rule]:
+    """Weight and bias of a per-head fused projection (e.g. q, k, v) from separate diffusers linears."""
+    return [Rule(f"{megatron}.{p}", tuple(f"{d}.{p}" for d in diffusers), "fused", head_dim) for p in ("weight", "bias")]
+
+
+def same_rules(*keys: str) -> list[Rule]:
+    """Tensors with the same name on both sides, replicated over TP."""
+    return [Rule(k, (k,), "replicated") for k in keys]
+
+
 # -- readers ----------------------------------------------------------------------------------------
 class TensorReader:
     """Read whole tensors or slices along one dim from a mapping of name -> tensor."""
@@ -224,3 +241,20 @@ def check_and_load(module: torch.nn.Module, tensors: Mapping[str, torch.Tensor],
     with torch.no_grad():
         for k, v in tensors.items():
             expected[k].copy_(v.to(expected[k].dtype))
+
+
+def load_stage_from_diffusers(model: torch.nn.Module, reader: TensorReader, rules: list[Rule], layout: Layout,
+                              num_blocks: int, *, what: str, ignore: Iterable[str] = ()) -> None:
+    """Fill one rank's model stage from a diffusers checkpoint, reading only this rank's slices.
+
+    Rejects, before loading anything, a checkpoint with keys no rule explains (``what`` names the
+    model in the message), keys a rule needs but the checkpoint lacks, or shapes the model does not have.
+    """
+    unknown = unused_diffusers_keys(reader, rules, num_blocks, ignore)
+    if unknown:
+        raise ConversionError(
+            f"checkpoint has keys the {what} config does not explain, e.g. {unknown[0]!r} "
+            f"({len(unknown)} in all): does config.json belong to these weights?"
+        )
+    owned = [k for k in model.state_dict() if not k.endswith("_extra_state")]
+    check_and_load(model, megatron_shard(reader, rules, layout, owned), f"loading {what} weights")

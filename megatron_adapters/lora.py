@@ -35,7 +35,10 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_q", "linear_kv", "linear_fc1", "linear_fc2")
+# Wan: self/cross attention and FFN; Qwen-Image: both streams' attention (linear_added_* is the text
+# stream's) and both MLPs. Modulation projections (img_mod/txt_mod) are not adapted.
+DEFAULT_TARGETS = ("linear_qkv", "linear_proj", "linear_q", "linear_kv", "linear_fc1", "linear_fc2",
+                   "linear_added_qkv", "linear_added_proj")
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,10 @@ def apply_lora(model: torch.nn.Module, cfg: LoRAConfig) -> list[LoRAParallelLine
         kind = _parallel_kind(module)
         if kind is None:
             continue
+        if kind == "column" and getattr(module, "gather_output", False):
+            # The branch below adds B's TP slice to a TP-sliced output; a gathered output needs another path.
+            raise ValueError(f"lora.targets: {name} gathers its output over tensor-parallel ranks "
+                             "(a modulation projection); LoRA is not supported there, drop it from the targets")
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         wrapper = LoRAParallelLinear(module, kind, cfg, name)
         setattr(parent, name.rsplit(".", 1)[-1], wrapper)

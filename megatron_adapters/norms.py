@@ -13,12 +13,14 @@ import torch.nn.functional as F
 
 
 class SequenceParallelNorm(torch.nn.Module):
-    """LayerNorm or RMSNorm (``config.normalization``) built the way Megatron builds its norms."""
+    """LayerNorm or RMSNorm (``normalization``, else ``config.normalization``) built the way Megatron
+    builds its norms. A model mixing both (Qwen-Image: RMSNorm on q/k and text, LayerNorm elsewhere)
+    names the kind per norm in its spec."""
 
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, elementwise_affine: bool = True,
-                 bias: bool = True) -> None:
+                 bias: bool = True, normalization: str | None = None) -> None:
         super().__init__()
-        self.kind = getattr(config, "normalization", "LayerNorm")
+        self.kind = normalization or getattr(config, "normalization", "LayerNorm")
         if self.kind not in ("LayerNorm", "RMSNorm"):
             raise ValueError(f"normalization={self.kind!r}: SequenceParallelNorm supports LayerNorm and RMSNorm")
         self.hidden_size = hidden_size

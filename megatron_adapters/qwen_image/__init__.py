@@ -1,0 +1,1 @@
+"""Qwen-Image (diffusers' QwenImageTransformer2DModel) as Megatron-core modules."""

@@ -96,6 +96,14 @@ def versions(extra: tuple[str, ...] = ()) -> str:
     return ", ".join(parts)
 
 
+def load_average() -> float | None:
+    """The 1-minute load average (other jobs on a shared machine make timings noisy), if known."""
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
 def git_commit() -> str:
     """Short commit of the working tree, marked ``+dirty`` when it has uncommitted changes."""
     try:
@@ -121,14 +129,16 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
-def section(name: str, result: Result, argv: list[str], device: torch.device, libraries: tuple[str, ...] = ()) -> str:
+def section(name: str, result: Result, argv: list[str], device: torch.device, libraries: tuple[str, ...] = (),
+            load_at_start: float | None = None) -> str:
     """The markdown section appended to docs/benchmarks.md."""
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    load = [f"{v:.1f} at {when}" for v, when in ((load_at_start, "start"), (load_average(), "end")) if v is not None]
     lines = [
         f"### `{name}`: {result.title} ({now[:10]})",
         "",
         f"- date: {now}, commit {git_commit()}",
-        f"- machine: {machine(device)}",
+        f"- machine: {machine(device)}" + (f"; load average (1 min) {', '.join(load)}" if load else ""),
         f"- versions: {versions(libraries)}",
         f"- command: `{command_line(argv)}`",
         *(f"- {n}" for n in result.notes),
@@ -228,7 +238,7 @@ def _single_process_megatron() -> Any:
     return initialize(ParallelLayout())
 
 
-def _block_models(args: argparse.Namespace, ctx: Any, dtype: torch.dtype):
+def _block_models(args: argparse.Namespace, ctx: Any, dtype: torch.dtype) -> tuple[Any, torch.nn.Module, Any]:
     """diffusers' model and ours, holding the same weights, on ``ctx.device`` in ``dtype``."""
     from diffusers import WanTransformer3DModel
 
@@ -423,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     entry = ENTRIES[args.entry]
+    load_at_start = load_average()
     result = entry.run(args)
     print(f"bench {args.entry}: {result.title}")
     for n in result.notes:
@@ -433,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench {args.entry}: FAILED its correctness check; not recorded", file=sys.stderr)
         return 1
     if not args.no_record:
-        record(section(args.entry, result, argv, result.device, entry.libraries))
+        record(section(args.entry, result, argv, result.device, entry.libraries, load_at_start))
         print(f"recorded in {DOC.relative_to(ROOT)}")
     return 0
 

@@ -30,13 +30,16 @@ from pdmd.export_layout import ExportError, RunInfo
 def run_config(run: RunInfo, *, tp: int = 1, pp: int = 1, cp: int = 1, sp: bool = False, spec: str = "local",
                latent_shape: tuple[int, ...] | None = None):
     """The run's training config with the teacher path, layout and (for sampling) latent shape replaced."""
-    from pdmd.config import load_config
+    from pdmd.config import ConfigError, load_config
 
     overrides = [f"model.teacher.path={run.teacher}", f"parallel.tp={tp}", f"parallel.pp={pp}", f"parallel.cp={cp}",
                  f"parallel.sequence_parallel={str(bool(sp)).lower()}", f"model.spec={spec}"]
     if latent_shape is not None:
         overrides.append(f"train.latent_shape=[{','.join(str(int(v)) for v in latent_shape)}]")
-    return load_config(run.config, overrides)
+    try:
+        return load_config(run.config, overrides)
+    except ConfigError as exc:
+        raise ExportError(f"the config saved in {run.path}/manifest.json does not load here: {exc}") from exc
 
 
 def _is_rank0() -> bool:

@@ -184,32 +184,39 @@ def vae_folder(path: str | Path | None) -> Path | None:
     raise ExportError(f"--vae {p}: neither an AutoencoderKLWan folder nor a pipeline folder with vae/")
 
 
-def decode_and_save(latents: torch.Tensor, vae_dir: Path, out: Path, video_format: str) -> list[Path]:
-    """Decode as WanPipeline does (un-normalise, vae.decode, postprocess) and write one file per sample."""
+def decode(latents: torch.Tensor, vae_dir: Path):
+    """Frames [B, F, H, W, 3] in [0, 1] (numpy), decoded exactly as WanPipeline does for output_type="np"."""
     from diffusers import AutoencoderKLWan
     from diffusers.video_processor import VideoProcessor
 
     vae = AutoencoderKLWan.from_pretrained(vae_dir, **dtype_kwarg(torch.float32)).eval()
     z = vae.config.z_dim
     mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
+    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
     with torch.no_grad():
-        video = vae.decode(latents.float() * std + mean, return_dict=False)[0]
-    frames = VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial).postprocess_video(video, output_type="pil")
+        video = vae.decode(latents.float() / std + mean, return_dict=False)[0]
+    return VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial).postprocess_video(video, output_type="np")
+
+
+def save_media(frames, out: Path, video_format: str) -> list[Path]:
+    """One PNG (a single frame), GIF (Pillow) or MP4 (imageio, when installed) per sample, next to ``out``."""
+    from PIL import Image
+
     written = []
     for i, clip in enumerate(frames):
-        if len(clip) == 1:
+        images = [Image.fromarray((f * 255).round().clip(0, 255).astype("uint8")) for f in clip]
+        if len(images) == 1:
             path = out.with_name(f"{out.stem}_{i}.png")
-            clip[0].save(path)
+            images[0].save(path)
         elif video_format == "gif":
             path = out.with_name(f"{out.stem}_{i}.gif")
-            clip[0].save(path, save_all=True, append_images=clip[1:], duration=62, loop=0)
+            images[0].save(path, save_all=True, append_images=images[1:], duration=62, loop=0)
         else:
             from diffusers.utils import export_to_video
 
             path = out.with_name(f"{out.stem}_{i}.mp4")
             try:
-                export_to_video(clip, str(path), fps=16)
+                export_to_video(list(clip), str(path), fps=16)
             except ImportError as exc:
                 raise ExportError(f"MP4 needs imageio and imageio-ffmpeg ({exc}); use --video-format gif") from exc
         written.append(path)
@@ -280,6 +287,6 @@ def run(args: argparse.Namespace) -> int:
     print(f"pdmd sample: wrote {out} (latents {list(latents.shape)})")
     vae = vae_folder(args.vae)
     if vae is not None:
-        for path in decode_and_save(latents, vae, out, args.video_format):
+        for path in save_media(decode(latents, vae), out, args.video_format):
             print(f"pdmd sample: wrote {path}")
     return 0

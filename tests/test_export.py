@@ -1,0 +1,229 @@
+"""Export to diffusers: the scheduler config reproduces the distilled timesteps, boundary_ratio routes each step
+to its phase's expert, the exported WanPipeline reproduces `pdmd sample` end to end (same noise and prompt
+embeddings, through diffusers' own loading), LoRA files load with WanPipeline.load_lora_weights and equal the
+merged experts, other phase counts get the experts layout, and user mistakes are clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pdmd.export_layout import (
+    ExportError,
+    check_scheduler,
+    choose_boundary_ratio,
+    flow_match_scheduler_config,
+    route,
+    scheduler_schedule,
+)
+from pdmd.schedule import PhasePlan, few_step_timesteps
+from tests.tiny_run import tiny_run
+
+WAN = PhasePlan.from_steps(4, 5.0, [2, 2])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    torch.set_num_threads(1)
+    return tiny_run(tmp_path_factory)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# --- the scheduler and the routing (no model) -------------------------------------------------------
+@pytest.mark.parametrize("steps,shift", [(4, 5.0), (4, 3.0), (8, 5.0), (3, 5.0), (2, 12.0), (6, 0.5), (4, 1.0),
+                                         (1, 5.0)])
+def test_scheduler_config_reproduces_distilled_timesteps(steps, shift, tmp_path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    times = few_step_timesteps(steps, shift)
+    config = flow_match_scheduler_config(times)
+    sigmas, timesteps = scheduler_schedule(config, steps)
+    assert max(abs(a - b) for a, b in zip(sigmas, times)) < 1e-6
+    assert max(abs(a - 1000 * b) for a, b in zip(timesteps, times)) < 1e-3
+    check_scheduler(config, times)
+    # what the pipeline loads: the saved config, through from_pretrained
+    FlowMatchEulerDiscreteScheduler.from_config(config).save_pretrained(tmp_path)
+    loaded = FlowMatchEulerDiscreteScheduler.from_pretrained(tmp_path)
+    loaded.set_timesteps(steps)
+    assert loaded.sigmas[:-1].tolist() == pytest.approx(sigmas, abs=0) and float(loaded.sigmas[-1]) == 0.0
+
+
+def test_naive_scheduler_shift_misses_the_end_point():
+    """Why the fitted config: shift=5 alone shifts twice at the end (the last step would start at 24, not 625)."""
+    sigmas, _ = scheduler_schedule({"shift": 5.0}, 4)
+    assert sigmas[-1] < 0.05 < abs(sigmas[-1] - WAN.timesteps[-1])
+
+
+def test_unrepresentable_schedule_is_a_clear_error():
+    with pytest.raises(ExportError, match="not a shifted uniform schedule"):
+        flow_match_scheduler_config((1.0, 0.9, 0.5, 0.2))
+
+
+def test_boundary_ratio_routes_each_step_to_its_phase():
+    ts = check_scheduler(flow_match_scheduler_config(WAN.timesteps), WAN.timesteps)
+    assert choose_boundary_ratio(WAN, ts, 0.875) == 0.875  # the teacher's boundary qualifies
+    assert route(ts, 0.875) == [1, 1, 2, 2]
+    mid = choose_boundary_ratio(WAN, ts, None)
+    assert WAN.timesteps[2] < mid <= WAN.timesteps[1] and route(ts, mid) == [1, 1, 2, 2]
+    # the phase boundary itself (t = 833.3) would send phase 2's first step to the high-noise transformer
+    assert route(ts, WAN.timesteps[2]) == [1, 1, 1, 2]
+    assert choose_boundary_ratio(WAN, ts, WAN.timesteps[2]) == mid
+    with pytest.raises(ExportError, match="two experts"):
+        choose_boundary_ratio(PhasePlan.from_steps(3, 5.0, [1, 1, 1]), ts[:3])
+
+
+# --- the tiny run, exported ----------------------------------------------------------------------------
+def test_convert_verify_passes(built):
+    _, results = built
+    for name in ("export_full", "export_lora", "export3"):
+        r = results[name]
+        assert r["code"] == 0, r["stderr"]
+        line = [x for x in r["stdout"].splitlines() if "--verify" in x][-1]
+        assert line.endswith("PASS") and float(line.split("rel err ")[1].split()[0]) < 1e-5, line
+
+
+def test_exported_folder_layout(built):
+    root, _ = built
+    out = root / "export_full"
+    index = json.loads((out / "model_index.json").read_text())
+    assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == 0.875
+    assert index["scheduler"] == ["diffusers", "FlowMatchEulerDiscreteScheduler"]
+    for name in ("text_encoder", "tokenizer", "vae"):  # copied from the base pipeline
+        assert index[name][0] is not None and (out / name).is_dir()
+    base_keys = set(load_file(str(root / "base" / "transformer" / "diffusion_pytorch_model.safetensors")))
+    for sub in ("transformer", "transformer_2"):
+        weights = load_file(str(out / sub / "diffusion_pytorch_model.safetensors"))
+        assert set(weights) == base_keys and all(v.dtype == torch.float32 for v in weights.values())
+        assert json.loads((out / sub / "config.json").read_text())["_class_name"] == "WanTransformer3DModel"
+    info = json.loads((out / "pdmd_export.json").read_text())
+    assert info["kind"] == "wan_pipeline" and [p["steps"] for p in info["phases"]] == [[0, 1], [2, 3]]
+    assert [p["folder"] for p in info["phases"]] == ["transformer", "transformer_2"]
+
+
+def _pipeline(folder: Path, **kwargs):
+    from diffusers import WanPipeline
+
+    return WanPipeline.from_pretrained(folder, **kwargs).to("cpu")
+
+
+def _call(pipe, **kwargs) -> torch.Tensor:
+    args = dict(num_inference_steps=4, height=64, width=64, num_frames=5, output_type="latent", return_dict=False)
+    return pipe(**{**args, **kwargs})[0].float()
+
+
+def test_exported_pipeline_reproduces_pdmd_sample(built):
+    """The same noise and prompt embeddings through WanPipeline.from_pretrained(export) and `pdmd sample`."""
+    root, results = built
+    for name in ("sample_embeds", "sample_cfg", "sample_prompts"):
+        assert results[name]["code"] == 0, results[name]["stderr"]
+    pipe = _pipeline(root / "export_full")
+    emb, lat = load_file(str(root / "embeds.safetensors")), load_file(str(root / "latents.safetensors"))["latents"]
+    theirs = _call(pipe, prompt_embeds=emb["prompt_embeds"], latents=lat, guidance_scale=1.0)
+    ours = load_file(str(root / "s_embeds.safetensors"))["latents"]
+    assert _rel(theirs, ours) < 1e-5
+    # CFG (not distilled, but the same formula on both sides)
+    theirs = _call(pipe, prompt_embeds=emb["prompt_embeds"], negative_prompt_embeds=emb["negative_prompt_embeds"],
+                   latents=lat, guidance_scale=3.0)
+    assert _rel(theirs, load_file(str(root / "s_cfg.safetensors"))["latents"]) < 1e-5
+    # text through the copied UMT5 and noise from a seed, as a user calls it
+    from tests.tiny_run import PROMPTS
+
+    theirs = _call(pipe, prompt=PROMPTS, guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(3))
+    assert _rel(theirs, load_file(str(root / "s_prompts.safetensors"))["latents"]) < 1e-5
+    # the check is sensitive: routing phase 2's first step to the high-noise expert changes the result
+    pipe.register_to_config(boundary_ratio=WAN.timesteps[2])
+    wrong = _call(pipe, prompt_embeds=emb["prompt_embeds"], latents=lat, guidance_scale=1.0)
+    assert _rel(wrong, ours) > 1e-3
+
+
+def test_lora_files_load_into_the_base_pipeline(built):
+    """WanPipeline.load_lora_weights on the teacher equals the merged experts, per transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    root, _ = built
+    lora, merged = root / "export_lora", _pipeline(root / "export_full", text_encoder=None, tokenizer=None, vae=None)
+    info = json.loads((lora / "pdmd_export.json").read_text())
+    assert info["kind"] == "lora" and [p["lora"] for p in info["phases"]] == ["phase1_lora.safetensors",
+                                                                               "phase2_lora.safetensors"]
+    pipe = _pipeline(root / "base", text_encoder=None, tokenizer=None, vae=None,
+                     scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(lora / "scheduler"),
+                     boundary_ratio=info["boundary_ratio"])
+    base = {s: getattr(pipe, s) for s in ("transformer", "transformer_2")}
+    g = torch.Generator().manual_seed(0)
+    x, text, t = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 16, 24, generator=g), torch.tensor([900.0])
+    before = {s: m(x, t, text, return_dict=False)[0] for s, m in base.items()}
+    pipe.load_lora_weights(str(lora), weight_name="phase1_lora.safetensors", adapter_name="phase1")
+    pipe.load_lora_weights(str(lora), weight_name="phase2_lora.safetensors", adapter_name="phase2",
+                           load_into_transformer_2=True)
+    for slot, name in (("transformer", "phase1"), ("transformer_2", "phase2")):
+        model = getattr(pipe, slot)
+        assert list(model.peft_config) == [name]
+        adapted = sum(1 for n, _ in model.named_modules() if n.endswith(".lora_A"))
+        assert adapted == 20  # 2 blocks x (q, k, v, out) x 2 attentions + 2 FFN linears: every adapter landed
+        want = getattr(merged, slot)(x, t, text, return_dict=False)[0]
+        got = model(x, t, text, return_dict=False)[0]
+        assert _rel(want - before[slot], before[slot]) > 1e-3  # the adapters matter
+        assert _rel(got - before[slot], want - before[slot]) < 1e-4
+
+
+def test_three_phases_get_the_experts_layout(built):
+    root, results = built
+    out = root / "export3"
+    assert not (out / "model_index.json").exists()
+    info = json.loads((out / "pdmd_export.json").read_text())
+    assert info["kind"] == "experts" and info["boundary_ratio"] is None
+    assert [p["folder"] for p in info["phases"]] == ["experts/phase1", "experts/phase2", "experts/phase3"]
+    assert [p["base"] for p in info["phases"]] == ["transformer", "transformer", "transformer_2"]
+    assert results["sample3"]["code"] == 0, results["sample3"]["stderr"]
+
+
+# --- user mistakes ---------------------------------------------------------------------------------------
+def test_wrong_teacher_is_a_layout_mismatch(built):
+    _, results = built
+    r = results["export_wrong_teacher"]
+    assert r["code"] == 2 and "is --teacher the run's teacher" in r["stderr"], r["stderr"]
+
+
+def _export(argv: list[str], capsys) -> tuple[int, str]:
+    from pdmd.export import main
+
+    code = main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_unfinished_or_broken_runs_are_clear_errors(built, tmp_path, capsys):
+    root, _ = built
+    run = tmp_path / "run"
+    shutil.copytree(root / "run", run)
+    out = str(tmp_path / "out")
+    code, err = _export(["--run", str(tmp_path / "nope"), "--out", out], capsys)
+    assert code == 2 and "no such directory" in err
+    code, err = _export(["--run", str(root), "--out", out], capsys)
+    assert code == 2 and "not a run directory" in err
+    manifest = json.loads((run / "manifest.json").read_text())
+    manifest["phases"][1]["status"] = "running"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    code, err = _export(["--run", str(run), "--out", out], capsys)
+    assert code == 2 and "phase 2" in err and "is running" in err and "rerunning" in err
+    manifest["phases"][1]["status"] = "done"
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    (run / "checkpoints" / "phase2" / "expert" / "common.pt").write_bytes(b"changed")
+    code, err = _export(["--run", str(run), "--out", out], capsys)
+    assert code == 2 and "changed since training" in err
+    shutil.rmtree(run / "checkpoints" / "phase1" / "expert")
+    code, err = _export(["--run", str(run), "--out", out], capsys)
+    assert code == 2 and "phase 1" in err and "missing" in err
+    code, err = _export(["--run", str(root / "run"), "--out", out, "--teacher", str(tmp_path)], capsys)
+    assert code == 2 and "--teacher" in err and "config.json" in err
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "file.txt").write_text("mine")
+    code, err = _export(["--run", str(root / "run"), "--out", str(tmp_path / "busy"), "--no-hash-check"], capsys)
+    assert code == 2 and "not an earlier export" in err

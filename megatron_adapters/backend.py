@@ -13,6 +13,7 @@ identically on all model-parallel peers).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 
@@ -217,25 +218,31 @@ class MegatronWanBackend:
 
     # -- protocol: velocities and updates ---------------------------------------------------------
     def _run(self, module, x, t, text, loss_fn=None):
-        """One pass through the schedule; returns the velocity on every rank (no grad), or trains."""
+        """One pass through the schedule over ``train.num_micro_batches`` equal micro-batches (fewer when
+        the batch does not divide); returns the velocity on every rank. With ``loss_fn(v, idx)`` (idx =
+        the micro-batch's sample indices) it also runs the backward; the schedule averages the
+        micro-batch losses, so the gradients are those of the whole batch's mean loss."""
+        b = x.shape[0]
+        chunks = list(torch.arange(b, device=x.device).tensor_split(math.gcd(b, self.cfg.train.num_micro_batches)))
         outputs = []
 
-        def forward_step(_, m):
-            out = m(x, t * 1000.0, text)
+        def forward_step(data_iterator, m):
+            idx = next(data_iterator)
+            out = m(x[idx], t[idx] * 1000.0, text[idx])
 
             def collect(o):
                 outputs.append(o.detach())
-                loss = loss_fn(o) if loss_fn is not None else o.float().sum() * 0.0
+                loss = loss_fn(o, idx) if loss_fn is not None else o.float().sum() * 0.0
                 return loss, {"loss": loss.detach()}
 
             return out, collect
 
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[module],
-                                    num_microbatches=1, seq_length=self.tokens, micro_batch_size=x.shape[0],
-                                    forward_only=loss_fn is None)
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(chunks), model=[module],
+                                    num_microbatches=len(chunks), seq_length=self.tokens,
+                                    micro_batch_size=len(chunks[0]), forward_only=loss_fn is None)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        out = outputs[0] if outputs else torch.empty(x.shape[0], self.wan[0].out_channels, *x.shape[2:],
-                                                     dtype=x.dtype, device=x.device)
+        out = torch.cat(outputs) if outputs else torch.empty(b, self.wan[0].out_channels, *x.shape[2:],
+                                                            dtype=x.dtype, device=x.device)
         if pp > 1:  # the last stage has the velocity; every stage needs it for the next rollout step
             src = parallel_state.get_pipeline_model_parallel_last_rank()
             dist.broadcast(out, src, group=parallel_state.get_pipeline_model_parallel_group())
@@ -261,26 +268,27 @@ class MegatronWanBackend:
         return self._run(module, x, t, text).float()
 
     def train_step(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                   loss_fn: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, float]:
-        """One optimizer step of a trainable role (``student`` or ``fake{e}``) on loss_fn(velocity)."""
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+        """One optimizer step of a trainable role (``student`` or ``fake{e}``) on the batch-mean loss;
+        ``loss_fn(v, idx)`` is the mean loss of the samples ``idx`` whose velocities are ``v``."""
         trainable = self.trainables[role]
         trainable.ddp.zero_grad_buffer()
         trainable.optimizer.zero_grad()
         losses = []
 
-        def wrapped(v):
-            loss = loss_fn(v.float())
-            losses.append(loss.detach())
+        def wrapped(v, idx):
+            loss = loss_fn(v.float(), idx)
+            losses.append(loss.detach().clone())  # the schedule rescales the returned loss in place
             return loss
 
         self._run(trainable.ddp, x.to(self.dtype), t, text.to(self.dtype), wrapped)
         finalize_model_grads([trainable.ddp])
         ok, grad_norm, _ = trainable.optimizer.step()
-        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+        loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(loss, parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
-        return {"loss": loss.item() / max(1, self.ctx.layout.cp), "grad_norm": float(grad_norm or 0.0),
+        return {"loss": loss.item(), "grad_norm": float(grad_norm or 0.0),
                 "skipped": float(not ok)}
 
     # -- checkpoints ------------------------------------------------------------------------------

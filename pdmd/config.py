@@ -75,7 +75,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     steps: int = 100  # generator updates per phase
-    micro_batch_size: int = 1
+    micro_batch_size: int = 1  # samples per micro-batch (one forward/backward)
+    num_micro_batches: int = 1  # micro-batches per optimizer step (gradient accumulation)
     latent_shape: list[int] = field(default_factory=lambda: [16, 21, 60, 104])  # C, F, H, W
     checkpoint_every: int = 50
     keep_last: int = 2
@@ -211,7 +212,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.fake.lora is not None:
         raise ConfigError("fake.lora: the fake score trains all parameters (set fake.lora=null)")
     t = cfg.train
-    for key in ("steps", "micro_batch_size", "checkpoint_every", "keep_last", "max_bad_steps", "log_every"):
+    for key in ("steps", "micro_batch_size", "num_micro_batches", "checkpoint_every", "keep_last", "max_bad_steps", "log_every"):
         if not isinstance(getattr(t, key), int) or getattr(t, key) < 1:
             raise ConfigError(f"train.{key}={getattr(t, key)!r} must be an integer >= 1")
     if len(t.latent_shape) != 4 or any(not isinstance(v, int) or v < 1 for v in t.latent_shape):

@@ -5,7 +5,8 @@ The backend protocol (implemented by megatron_adapters.backend.MegatronWanBacken
 - ``velocity(role, x, t, text) -> v`` without grad; role is ``teacher`` / ``fake`` (routed per sample to
   the expert owning t), ``student``, or ``expert:j`` (the frozen expert of an earlier phase j);
 - ``train_step(role, x, t, text, loss_fn) -> {"loss", "grad_norm", ...}``: one optimizer step of
-  ``student`` or ``fake{e}`` on ``loss_fn(v)``, v being the role's velocity at (x, t) with grad;
+  ``student`` or ``fake{e}`` on the batch-mean loss, ``loss_fn(v, idx)`` being the mean loss of the
+  samples ``idx`` (a micro-batch) whose velocities at (x[idx], t[idx]) are v, with grad;
 - ``expert_of(t)``, ``dp_rank``, ``device``.
 
 The student is trained by regression (DESIGN.md): all no-grad passes first give the DMD target
@@ -109,8 +110,8 @@ class PhaseTrainer:
             return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
         target, x_in, jump = dmd.target, r.x_in, self.s - r.t_in
 
-        def loss_fn(v: torch.Tensor) -> torch.Tensor:
-            return 0.5 * ((x_in + jump * v - target) ** 2).mean()
+        def loss_fn(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            return 0.5 * ((x_in[idx] + jump * v - target[idx]) ** 2).mean()
 
         t_in = torch.full((x_in.shape[0],), r.t_in, device=x_in.device)
         out = self.backend.train_step("student", x_in, t_in, text, loss_fn)
@@ -134,9 +135,10 @@ class PhaseTrainer:
     def _fake_loss(self, x_s, eps, t):
         kind, s, max_weight = self.method.fake_loss, self.s, self.method.fake_max_weight
 
-        def loss_fn(v: torch.Tensor) -> torch.Tensor:
+        def loss_fn(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+            xs, e, tt = x_s[idx], eps[idx], t[idx]
             if kind == "naive":
-                return F.mse_loss(v, obj.naive_velocity_target(x_s, eps, s, t).to(v.dtype))
-            return obj.subinterval_fake_loss(v, x_s, eps, s, t, max_weight=max_weight if kind == "subinterval" else None)
+                return F.mse_loss(v, obj.naive_velocity_target(xs, e, s, tt).to(v.dtype))
+            return obj.subinterval_fake_loss(v, xs, e, s, tt, max_weight=max_weight if kind == "subinterval" else None)
 
         return loss_fn

@@ -55,7 +55,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
     entry = manifest["phases"][k - 1]
     earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: k - 1]}
     backend.setup_phase(k, entry["student_expert"], earlier, cfg.phase_plan().renoise_interval(k))
-    loader = PromptLoader(PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size,
+    loader = PromptLoader(PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
                                                       "seed": cfg.seed}),
                           dp_rank=backend.dp_rank, dp_size=backend.dp_size)
     start = 0

@@ -1,5 +1,6 @@
-"""The trainer backend at TP=2 and PP=2 computes what it computes at TP=1: teacher velocities, the
-student's update loss and every student gradient (through DDP, finalize and the distributed optimizer)."""
+"""The trainer backend at TP=2, at PP=2 and with 2 micro-batches computes what it computes at TP=1 with
+one: teacher velocities, the student's update loss and every student gradient (through the schedule,
+DDP, finalize and the distributed optimizer)."""
 
 from __future__ import annotations
 
@@ -32,8 +33,8 @@ def _step(rank, world_size, overrides):
     v_teacher = backend.velocity("teacher", x, t, text)
     t_in = torch.full((2,), 0.625)
 
-    def loss_fn(v):
-        return 0.5 * ((x + (0.0 - 0.625) * v - target) ** 2).mean()
+    def loss_fn(v, idx):
+        return 0.5 * ((x[idx] + (0.0 - 0.625) * v - target[idx]) ** 2).mean()
 
     out = backend.train_step("student", x, t_in, text, loss_fn)
     model = backend.trainables["student"].model
@@ -53,7 +54,8 @@ def layouts(tmp_path_factory):
     base = [f"model.teacher.path={teacher}", f"data.shards={shards}", "student.lora=null"]
     return {name: run_ranks(_step, world, base + extra)
             for name, (world, extra) in {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]),
-                                         "pp2": (2, ["parallel.pp=2"])}.items()}
+                                         "pp2": (2, ["parallel.pp=2"]),
+                                         "tp1_mb2": (1, ["train.num_micro_batches=2"])}.items()}
 
 
 def _diffusers_grads(ranks):
@@ -69,7 +71,7 @@ def _diffusers_grads(ranks):
     return diffusers_from_shards(shards, wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})), stages, tp)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp1_mb2"])
 def test_backend_layout_equals_single_rank(layouts, layout):
     ref, other = layouts["tp1"], layouts[layout]
     for r in other:  # every rank gets the velocity and the loss

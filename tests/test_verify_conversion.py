@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import tiny_wan
+from tests import tiny_qwen, tiny_wan
 from tests.multirank import free_port
 
 pytestmark = pytest.mark.multirank
@@ -25,9 +25,17 @@ def pipeline_dir(tmp_path_factory):
     return folder
 
 
-def _run(nproc: int, *args: str) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def qwen_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_image_pipeline")
+    tiny_qwen.diffusers_model().save_pretrained(folder / "transformer")
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def _run(nproc: int, *args: str, model: str = "wan") -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-           str(ROOT / "tools" / "verify_conversion.py"), "--model", "wan", *args]
+           str(ROOT / "tools" / "verify_conversion.py"), "--model", model, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
 
@@ -53,3 +61,23 @@ def test_pipeline_folder_without_subfolder_says_what_to_do(pipeline_dir):
     proc = _run(1, "--diffusers", str(pipeline_dir), *SIZES)
     assert proc.returncode != 0
     assert "needs --subfolder transformer or transformer_2" in proc.stdout + proc.stderr
+
+
+QWEN_SIZES = ["--height", "6", "--width", "8", "--text-len", "7", "--batch", "2"]  # 12 image tokens
+
+
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sp"], ["--pp", "2"], ["--cp", "2"]], ids=["tp2_sp", "pp2", "cp2"])
+def test_qwen_image_with_padded_text_passes(qwen_dir, layout):
+    proc = _run(2, "--diffusers", str(qwen_dir), "--subfolder", "transformer", *layout, "--backward", *QWEN_SIZES,
+                model="qwen-image")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("verify_conversion: max_rel_err=") and last.endswith(" PASS")
+    assert float(last.split("=")[1].split()[0]) <= 1e-5
+    assert "input-grad rel_err=" in proc.stdout
+
+
+def test_qwen_image_pipeline_folder_names_its_subfolder(qwen_dir):
+    proc = _run(1, "--diffusers", str(qwen_dir), *QWEN_SIZES, model="qwen-image")
+    assert proc.returncode != 0
+    assert "needs --subfolder transformer)" in proc.stdout + proc.stderr

@@ -78,7 +78,12 @@ class RunExperts:
                 raise
             raise ExportError(self._diagnose(phase.expert_dir, phase.student_expert, "model.", k) or
                               f"phase {k}: loading {phase.expert_dir} failed: {exc}") from exc
-        extra = _checkpoint_keys(phase.expert_dir, "model.") - _tensor_keys(model.sharded_state_dict(prefix="model."))
+        built = _tensor_keys(model.sharded_state_dict(prefix="model."))
+        if dist.is_initialized() and dist.get_world_size() > 1:  # each rank builds only its TP/PP part
+            every: list[set[str] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(every, built, group=self._gloo_group())
+            built = set().union(*every)
+        extra = _checkpoint_keys(phase.expert_dir, "model.") - built
         if extra:
             raise ExportError(f"phase {k}: the expert checkpoint has {sorted(extra)[0]!r} ({len(extra)} such keys) that "
                               f"the teacher config {self.run.expert_folder(phase.student_expert)} does not build: "
@@ -158,10 +163,8 @@ class RunExperts:
         if not dist.is_initialized() or dist.get_world_size() == 1:
             items = [mine]
         else:
-            if self._gloo is None:  # CPU tensors travel over gloo whatever the default backend is
-                self._gloo = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
             items = [None] * dist.get_world_size() if _is_rank0() else None
-            dist.gather_object(mine, items, dst=0, group=self._gloo)
+            dist.gather_object(mine, items, dst=0, group=self._gloo_group())
         if not _is_rank0():
             return None
         stages: list[tuple[int, int]] = [(0, 0)] * ps.get_pipeline_model_parallel_world_size()
@@ -171,6 +174,12 @@ class RunExperts:
             if sd is not None:
                 shards[(pp_rank, tp_rank)] = sd
         return diffusers_from_shards(shards, rules, stages, tp)
+
+    def _gloo_group(self):
+        """CPU objects travel over gloo whatever the default backend is (NCCL on GPUs)."""
+        if self._gloo is None:
+            self._gloo = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return self._gloo
 
     def expert_diffusers(self, k: int) -> dict[str, torch.Tensor] | None:
         """Phase k's merged expert as a diffusers WanTransformer3DModel state dict (rank 0; None elsewhere)."""

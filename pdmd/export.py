@@ -47,7 +47,8 @@ VERIFY_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--run", required=True, help="a finished run directory (manifest.json, checkpoints/)")
+    p.add_argument("--run", "--run-dir", dest="run", required=True,
+                   help="a finished run directory (manifest.json, checkpoints/); under torchrun spell it --run-dir")
     p.add_argument("--out", required=True, help="the diffusers folder to write")
     p.add_argument("--base-pipeline", help="diffusers Wan pipeline folder to copy text_encoder/, tokenizer/, vae/ "
                    "from (default: the run's teacher folder, for what it has)")
@@ -87,6 +88,9 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
     dtype = parse_dtype(dtype_name)
     base = Path(args.base_pipeline) if args.base_pipeline else None
     _check_out(out)
+    if args.lora_only and run.lora is None:
+        raise ExportError("--lora-only: this run's students trained all parameters (student.lora is null), so there "
+                          "are no adapters; export the merged pipeline instead (without --lora-only)")
     wan_pipeline = is_wan_pipeline(k_count) or args.lora_only
     scheduler = flow_match_scheduler_config(run.plan.timesteps)
     sched_ts = check_scheduler(scheduler, run.plan.timesteps)

@@ -26,7 +26,9 @@ from pdmd.schedule import NUM_TRAIN_TIMESTEPS, PhasePlan, few_step_timesteps
 EXPORT_INFO = "pdmd_export.json"
 SCHEDULER_CLASS = "FlowMatchEulerDiscreteScheduler"
 SCHEDULE_TOL = 1e-6  # float32 sigmas of the scheduler vs our float64 timesteps
-COMPONENTS = ("text_encoder", "tokenizer", "vae")  # copied from the base pipeline when it has them
+# copied from the base pipeline when it has them (image_* only in Wan I2V pipelines)
+COMPONENTS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
+PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 
 
 class ExportError(ValueError):
@@ -75,6 +77,10 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
         raise ExportError(f"--run {run.path} has no manifest.json: not a run directory (pdmd train --run-dir makes one)")
     manifest = run.read()
     config = manifest["config"]
+    kind = config.get("model", {}).get("kind", "wan")
+    if kind != "wan":
+        raise ExportError(f"model.kind={kind!r}: only Wan runs export yet (Qwen-Image's planned layout is in "
+                          "docs/export.md)")
     plan = PhasePlan.from_config(manifest["plan"])
     phases = []
     for entry in manifest["phases"]:
@@ -241,6 +247,7 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float |
             "folder": None if lora_only else folders[p.index],
             "lora": lora_file(p.index) if lora_only else None,
             "base": run.subfolders[p.student_expert],
+            "pipeline_slot": folders[p.index] if is_wan_pipeline(run.plan.num_phases) else None,
         } for p in run.phases],
     }
 
@@ -251,7 +258,8 @@ def model_index(base_index: dict[str, Any] | None, num_phases: int, boundary_rat
     import diffusers
 
     base = base_index or {}
-    index: dict[str, Any] = {"_class_name": "WanPipeline", "_diffusers_version": diffusers.__version__,
+    cls = base.get("_class_name") if base.get("_class_name") in PIPELINE_CLASSES else "WanPipeline"
+    index: dict[str, Any] = {"_class_name": cls, "_diffusers_version": diffusers.__version__,
                              "boundary_ratio": boundary_ratio, "expand_timesteps": bool(base.get("expand_timesteps", False)),
                              "scheduler": ["diffusers", SCHEDULER_CLASS],
                              "transformer": ["diffusers", "WanTransformer3DModel"],
@@ -259,7 +267,10 @@ def model_index(base_index: dict[str, Any] | None, num_phases: int, boundary_rat
     defaults = {"text_encoder": ["transformers", "UMT5EncoderModel"], "tokenizer": ["transformers", "AutoTokenizer"],
                 "vae": ["diffusers", "AutoencoderKLWan"]}
     for name in COMPONENTS:
-        index[name] = (base.get(name) or defaults[name]) if name in present else [None, None]
+        if name in present:
+            index[name] = base.get(name) or defaults[name]
+        elif name in defaults or name in base:
+            index[name] = [None, None]
     return index
 
 

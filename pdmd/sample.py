@@ -30,7 +30,8 @@ WAN_SCALE = (4, 8)  # WanPipeline's temporal / spatial VAE factors when it has n
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="a finished run directory (experts read from its Megatron checkpoints)")
+    src.add_argument("--run", "--run-dir", dest="run", help="a finished run directory (experts read from its Megatron "
+                     "checkpoints); under torchrun spell it --run-dir (torchrun takes --run for its --run-path)")
     src.add_argument("--export", help="a folder written by tools/convert_to_diffusers.py (not --lora-only)")
     p.add_argument("--out", required=True, help="output .safetensors file (key: latents [B, C, F, H, W])")
     p.add_argument("--embeds", help="safetensors with prompt_embeds [B, L, D] (and optional negative_prompt_embeds)")

@@ -3,7 +3,9 @@
 
     python tools/convert_to_diffusers.py --run RUN_DIR --out OUT [--base-pipeline DIR] [--lora-only]
         [--dtype fp32|bf16] [--teacher DIR] [--verify]
-    torchrun --nproc-per-node N tools/convert_to_diffusers.py ... --tp N     # experts too big for one process
+    torchrun --nproc-per-node N tools/convert_to_diffusers.py --run-dir RUN_DIR ... --tp N   # too big for one process
+
+(under torchrun spell --run as --run-dir: torchrun's own parser takes --run as an abbreviation of --run-path)
 
 Exit codes: 0 done (and --verify passed), 1 --verify failed, 2 the run cannot be exported as asked.
 """

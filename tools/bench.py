@@ -164,7 +164,7 @@ def _sync(device: torch.device) -> None:
 
 def timed(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
     """Seconds one call of ``fn`` takes: ``wall`` (device drained before and after) and, on CPU, ``cpu``
-    (this process's CPU time: with one thread, immune to sharing the cores with other jobs)."""
+    (this process's CPU time: with one thread, the time other jobs held the core is left out)."""
     _sync(device)
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
@@ -376,7 +376,8 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
         f"{device.type}, {params / 1e6:.1f}M parameters",
         f"timing: {warmup} warm-up + {args.reps} timed repetitions per model and pass, measured alternately "
         "(ours, diffusers, ours, ...); milliseconds, median (min); ratio = ours median / diffusers median; "
-        "clock wall = elapsed, cpu = this process's CPU time (robust to other jobs on the cores when 1 thread)",
+        "clock wall = elapsed, cpu = this process's CPU time (excludes time other jobs held the core, "
+        "not their cache and memory contention)",
         "rel err ours vs diffusers (warm-up results): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
         + f" (rtol {rtol:g}: {'ok' if ok else 'MISMATCH, the timings compare different functions'})",
     ]

@@ -34,7 +34,7 @@ def test_block_entry_prints_table_and_models_agree() -> None:
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):  # a single process of its own
         env.pop(k, None)
     proc = subprocess.run([sys.executable, str(BENCH), "block", *TINY], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=300)  # cold imports on a busy 2-core machine
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     assert "| pass | clock | ours ms median (min) | diffusers ms median (min) | ours / diffusers | rel err |" in out

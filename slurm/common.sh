@@ -204,7 +204,6 @@ pdmd_submit_next() {  # phase
 
 pdmd_main() {
     pdmd_defaults
-    cd "${SLURM_SUBMIT_DIR:-$PWD}"
     [ -n "${SLURM_JOB_ID:-}" ] || pdmd_die "not inside a Slurm job: submit with sbatch $PDMD_SCRIPT"
     local phase
     phase=$(pdmd_next_phase) || pdmd_die "cannot read $PDMD_RUN_DIR/manifest.json"

@@ -306,3 +306,35 @@ def test_img_shapes_are_checked():
         image_segments([[(1, 2, 3)], [(1, 3, 2)]], 6)
     with pytest.raises(ValueError, match="hold 6 tokens but the image sequence has 8"):
         image_segments([(1, 2, 3)], 8)
+
+
+def test_teacher_reads_from_a_sharded_diffusers_folder(tmp_path):
+    """save_pretrained with small shards writes an index: each TP rank reads its slices from the files."""
+    from megatron_adapters.conversion import Layout, SafetensorsReader, TensorReader, megatron_shard
+    from megatron_adapters.qwen_image.config import QwenImageConfig
+    from megatron_adapters.qwen_image.convert import qwen_image_rules
+
+    model = tiny_qwen.diffusers_model()
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and list(tmp_path.glob("*.index.json"))
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    rules = qwen_image_rules(QwenImageConfig.from_json(tmp_path))
+    for rank in range(2):
+        layout = Layout(tp_rank=rank, tp=2, first_block=1, num_blocks=1, pre_process=False)
+        from_files = megatron_shard(SafetensorsReader(tmp_path), rules, layout)
+        from_memory = megatron_shard(TensorReader(sd), rules, layout)
+        assert from_files.keys() == from_memory.keys()
+        for k, v in from_files.items():
+            assert torch.equal(v, from_memory[k]), k
+
+
+def test_te_spec_without_transformer_engine_says_so():
+    from megatron_adapters.qwen_image.specs import layer_spec
+    from megatron_adapters.wan.specs import te_available
+
+    if te_available()[0]:
+        pytest.skip("Transformer Engine is available here")
+    with pytest.raises(RuntimeError, match="use model.spec=local"):
+        layer_spec("te")
+    with pytest.raises(ValueError, match="choose 'local'"):
+        layer_spec("fast")

@@ -98,7 +98,7 @@ def _axis_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=32)
-def _rope_angles(segments: Segments, text_len: int, axes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _rope_phasors(segments: Segments, text_len: int, axes: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
     image_parts, max_index = [], 0
     for idx, (f, h, w) in enumerate(segments):
         # scale_rope: rows/columns are centred, positions -(n - n//2) .. n//2 - 1; segment idx's frames
@@ -113,17 +113,15 @@ def _rope_angles(segments: Segments, text_len: int, axes: tuple[int, int, int]) 
     # Text tokens come after the image on every axis: positions max_index, max_index + 1, ...
     text_pos = torch.arange(max_index, max_index + text_len)
     text = torch.cat([_axis_angles(text_pos, a) for a in axes], dim=-1)
-    return torch.cat(image_parts), text
+
+    def phasors(angles: torch.Tensor) -> torch.Tensor:
+        return torch.polar(torch.ones_like(angles), angles)[:, None, None, :]
+
+    return phasors(torch.cat(image_parts)), phasors(text)
 
 
-def rope(segments: Segments, text_len: int, axes: Sequence[int],
-         device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """((cos, sin) of the image tokens, (cos, sin) of the text tokens), each [n, 1, 1, head_dim / 2]
-    for ``apply_rope`` (which rotates interleaved channel pairs, diffusers' complex form)."""
-    image, text = _rope_angles(tuple(segments), int(text_len), tuple(axes))
-
-    def cos_sin(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        a = angles[:, None, None, :].to(device)
-        return torch.cos(a), torch.sin(a)
-
-    return cos_sin(image), cos_sin(text)
+def rope(segments: Segments, text_len: int, axes: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit phasors (complex64, [n, 1, 1, head_dim / 2]) of the image tokens and of the text tokens,
+    for ``apply_rope_complex`` (interleaved channel pairs, as diffusers rotates them)."""
+    image, text = _rope_phasors(tuple(segments), int(text_len), tuple(axes))
+    return image.to(device), text.to(device)

@@ -85,8 +85,8 @@ class QwenImageModel(PipelineStage):
                              "(context parallel x sequence parallel): pick an image size that does")
         dtype = self.time_text_embed.timestep_embedder.linear_1.weight.dtype
         temb_act = F.silu(self.time_text_embed(timestep, dtype))  # every use of temb goes through SiLU
-        (img_cos, img_sin), txt_rope = rope(segments, text_len, self.qwen.axes_dims_rope, latents.device)
-        img_rope = (split_for_rank(img_cos, 0, cp_group()), split_for_rank(img_sin, 0, cp_group()))
+        img_rope, txt_rope = rope(segments, text_len, self.qwen.axes_dims_rope, latents.device)
+        img_rope = split_for_rank(img_rope, 0, cp_group())
         key_mask = None
         if text_mask is not None:  # keys are [text; every image token]: image keys always attend
             if text_mask.shape != (batch, text_len):

@@ -66,7 +66,7 @@ def test_record_section_names_date_machine_versions_command(tmp_path: Path) -> N
     assert doc.read_text() == "# Benchmarks\n\nintro\n\n" + text + "\n" + text
 
 
-@pytest.mark.parametrize("entry", ["block", "data"])
+@pytest.mark.parametrize("entry", ["block", "qwen-block", "data"])
 def test_entries_are_registered(entry: str) -> None:
     bench = _load_bench()
     assert entry in bench.ENTRIES

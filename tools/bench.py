@@ -387,6 +387,27 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
                   rows=rows, notes=notes, device=device, ok=ok)
 
 
+# -- entry: qwen-block ------------------------------------------------------------------------------
+def _qwen_block_arguments(p: argparse.ArgumentParser) -> None:
+    from megatron_adapters.qwen_image.bench import add_arguments
+
+    add_arguments(p)
+
+
+def run_qwen_block(args: argparse.Namespace) -> Result:
+    """Our Qwen-Image DiT vs diffusers' (megatron_adapters/qwen_image/bench.py), same protocol as block."""
+    from megatron_adapters.parallel import shutdown
+    from megatron_adapters.qwen_image.bench import bench_qwen_block
+
+    ctx = _single_process_megatron()
+    try:
+        out = bench_qwen_block(args, ctx.device)
+    finally:
+        shutdown()
+    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"],
+                  device=out.get("device", ctx.device), ok=out["ok"])
+
+
 # -- entry: data ------------------------------------------------------------------------------------
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["wan", "qwen-image"], default="wan")
@@ -412,6 +433,8 @@ def run_data(args: argparse.Namespace) -> Result:
 
 ENTRIES: dict[str, Entry] = {
     "block": Entry("our Wan DiT vs diffusers: fwd and fwd+bwd time, ratio, rel err", _block_arguments, run_block),
+    "qwen-block": Entry("our Qwen-Image DiT vs diffusers: fwd and fwd+bwd time, ratio, rel err",
+                        _qwen_block_arguments, run_qwen_block),
     "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data,
                   libraries=("webdataset", "safetensors")),
 }

@@ -144,9 +144,12 @@ pdmd_requeue() {  # reason
         pdmd_event "event=requeue_failed (rerun the same sbatch command to resume)"
         return 1
     fi
-    # Slurm now ends this run of the job; wait for it rather than racing it.
-    sleep 30 &
-    wait $! 2>/dev/null || true
+    # Slurm now ends this run of the job (TERM, then KILL); wait for it rather than racing it.
+    local sleeper
+    sleep 60 &
+    sleeper=$!
+    wait "$sleeper" 2>/dev/null || true
+    kill "$sleeper" 2>/dev/null || true
     return 0
 }
 
@@ -183,10 +186,10 @@ pdmd_submit_next() {  # phase
     local nodes script id
     nodes=$(pdmd_phase_var PDMD_NODES_PHASE "$1" "${SLURM_JOB_NUM_NODES:-1}")
     script=${PDMD_SCRIPT:?}
-    local args=()
+    local args=() extra=()
     mapfile -t args < <(pdmd_next_job_args "$nodes")
-    # shellcheck disable=SC2206  # PDMD_SBATCH_ARGS is a list of options, split on spaces on purpose
-    args+=($PDMD_SBATCH_ARGS)
+    read -r -a extra <<<"$PDMD_SBATCH_ARGS"  # split on spaces, no globbing
+    args+=("${extra[@]}")
     # A clean environment for the next job: none of this job's SLURM_* (srun would read them as
     # options) except SLURM_CONF; the PDMD_* contract and the user's own variables travel (--export=ALL).
     local unset_args=() v
@@ -242,8 +245,10 @@ pdmd_main() {
             "NCCL_DEBUG=${NCCL_DEBUG:-WARN}"
         )
     fi
-    local overrides
-    overrides="$PDMD_OVERRIDES $(pdmd_phase_var PDMD_OVERRIDES_PHASE "$phase" "")"
+    local overrides=() extra=()
+    # Space-separated lists (the documented contract), split without globbing: [..] in values stays.
+    read -r -a overrides <<<"$PDMD_OVERRIDES $(pdmd_phase_var PDMD_OVERRIDES_PHASE "$phase" "")"
+    read -r -a extra <<<"$PDMD_SRUN_ARGS"
     local srun_args=(
         --nodes="$nodes" --ntasks-per-node="$PDMD_NPROC_PER_NODE" --cpus-per-task="$PDMD_CPUS_PER_TASK"
         --kill-on-bad-exit=0 --wait="$PDMD_SRUN_WAIT" --label
@@ -252,10 +257,9 @@ pdmd_main() {
         srun_args+=(--container-image="$PDMD_CONTAINER_IMAGE" --container-mounts="$PDMD_CONTAINER_MOUNTS"
                     --container-workdir="$PWD")
     fi
-    # shellcheck disable=SC2206  # space-separated lists on purpose (documented contract)
-    srun_args+=($PDMD_SRUN_ARGS)
-    # shellcheck disable=SC2206
-    local cmd=("$PDMD_PYTHON" -m pdmd.cli train "$PDMD_CONFIG" --run-dir "$PDMD_RUN_DIR" --phase auto $overrides)
+    srun_args+=("${extra[@]}")
+    local cmd=("$PDMD_PYTHON" -m pdmd.cli train "$PDMD_CONFIG" --run-dir "$PDMD_RUN_DIR" --phase auto
+               "${overrides[@]}")
     pdmd_event "event=start phase=$phase nodes=$nodes tasks_per_node=$PDMD_NPROC_PER_NODE device=$PDMD_DEVICE"
     pdmd_log "srun ${srun_args[*]} ${cmd[*]}"
 

@@ -39,8 +39,7 @@ def _contract_vars() -> set[str]:
     """The PDMD_* variables common.sh reads from the environment (its shell-internal ones excluded)."""
     text = (ROOT / "slurm" / "common.sh").read_text()
     names = set(re.findall(r"\bPDMD_[A-Z_]+[A-Z]\b", text))
-    internal = {"PDMD_STATE_DIR", "PDMD_SIGNALLED", "PDMD_TERMINATED", "PDMD_SRUN_PID", "PDMD_SCRIPT",
-                "PDMD_HOST_PYTHON"}
+    internal = {"PDMD_STATE_DIR", "PDMD_SIGNALLED", "PDMD_TERMINATED", "PDMD_SRUN_PID", "PDMD_SCRIPT"}
     # PDMD_NODES_PHASE / PDMD_OVERRIDES_PHASE are documented as PDMD_NODES_PHASE<k>.
     return names - internal
 
@@ -66,6 +65,126 @@ def test_sbatch_scripts_parse_and_document_their_contract():
         for name in _contract_vars():
             assert name in header, f"{path.name}: the header does not document {name}"
             assert name in docs, f"docs/slurm.md does not document {name}"
+
+
+# ------------------------------------------------------------------ the batch logic, with fake Slurm commands
+# What a GPU cluster would see (srun's and sbatch's command lines and environments), without Slurm.
+
+FAKES = {
+    "scontrol": """echo "scontrol $*" >> "$FAKE_DIR/calls"
+case "$1 $2" in
+    "show job") printf '   Command=%s\\n   StdOut=/logs/pdmd-wan22-%s.out\\n   StdErr=/logs/pdmd-wan22-%s.out\\n' \\
+                "$FAKE_SCRIPT" "$3" "$3" ;;
+    "show hostnames") printf 'node007\\nnode008\\n' ;;
+    "requeue "*) (sleep 0.3; kill -TERM "$PPID") & ;;  # like Slurm: the running job is ended
+esac""",
+    "squeue": """echo "squeue $*" >> "$FAKE_DIR/calls"
+case "$*" in *%l*) echo 4:00:00 ;; *%T*) echo "${FAKE_SQUEUE_STATE:-}" ;; esac""",
+    "sbatch": """printf '%s\\n' "$@" > "$FAKE_DIR/sbatch.args"; env > "$FAKE_DIR/sbatch.env"; echo "42;cluster\"""",
+    "srun": """printf '%s\\n' "$@" > "$FAKE_DIR/srun.args"; env > "$FAKE_DIR/srun.env"
+[ -n "${FAKE_MANIFEST_AFTER:-}" ] && cp "$FAKE_MANIFEST_AFTER" "$PDMD_RUN_DIR/manifest.json"
+exit "${FAKE_SRUN_RC:-0}\"""",
+}
+
+
+def _manifest_file(path: Path, statuses: list[str]) -> Path:
+    path.write_text(json.dumps({"phases": [{"index": i, "status": st} for i, st in enumerate(statuses, 1)]}))
+    return path
+
+
+def _fake_job(tmp_path: Path, statuses: list[str], active_job: str | None = None,
+              **env: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """Run wan22_phased.sbatch as Slurm would (job 41, 2 nodes of 8 GPUs) with fake Slurm commands."""
+    fake, run_dir = tmp_path / "fake", tmp_path / "run"
+    (fake / "bin").mkdir(parents=True)
+    for name, body in FAKES.items():
+        (fake / "bin" / name).write_text("#!/bin/bash\n" + body + "\n")
+        (fake / "bin" / name).chmod(0o755)
+    (run_dir / "slurm").mkdir(parents=True)
+    _manifest_file(run_dir / "manifest.json", statuses)
+    if active_job:
+        (run_dir / "slurm" / "active_job").write_text(active_job)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PDMD_", "SLURM_", "SBATCH_", "OMP_"))}
+    base.update({
+        "PATH": f"{fake / 'bin'}:{os.environ['PATH']}", "FAKE_DIR": str(fake), "FAKE_SCRIPT": str(SCRIPT),
+        "SLURM_JOB_ID": "41", "SLURM_JOB_NAME": "pdmd-wan22", "SLURM_JOB_PARTITION": "gpu",
+        "SLURM_JOB_ACCOUNT": "acc", "SLURM_JOB_QOS": "high", "SLURM_NTASKS_PER_NODE": "8",
+        "SLURM_GPUS_PER_NODE": "8", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "node[007-008]",
+        "SLURM_CPUS_ON_NODE": "128", "SLURM_CONF": "/etc/slurm/slurm.conf",
+        "PDMD_CONFIG": "configs/tiny_wan22.yaml", "PDMD_RUN_DIR": str(run_dir), "PDMD_HOST_PYTHON": sys.executable,
+        **env,
+    })
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=base, cwd=tmp_path, timeout=60)
+    return proc, fake, run_dir
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if "=" in line)
+
+
+def test_gpu_job_launches_one_task_per_gpu_and_submits_the_next_phase(tmp_path):
+    after = _manifest_file(tmp_path / "after.json", ["done", "pending"])
+    proc, fake, run_dir = _fake_job(
+        tmp_path, ["pending", "pending"], FAKE_MANIFEST_AFTER=str(after), PDMD_CONTAINER_IMAGE="/img/pdmd.sqsh",
+        PDMD_OVERRIDES="model.teacher.path=/t plan.boundaries=[1.0,0.5,0.0]", PDMD_OVERRIDES_PHASE1="parallel.tp=4",
+        PDMD_OVERRIDES_PHASE2="parallel.tp=8", PDMD_NODES_PHASE2="4", PDMD_SBATCH_ARGS="--constraint=h100")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    srun = (fake / "srun.args").read_text().splitlines()
+    mounts = f"{ROOT}:{ROOT},{tmp_path}:{tmp_path}"
+    assert srun == ["--nodes=2", "--ntasks-per-node=8", "--cpus-per-task=16", "--kill-on-bad-exit=0", "--wait=120",
+                    "--label", "--container-image=/img/pdmd.sqsh", f"--container-mounts={mounts}",
+                    f"--container-workdir={tmp_path}", "python", "-m", "pdmd.cli", "train",
+                    str(ROOT / "configs" / "tiny_wan22.yaml"), "--run-dir", str(run_dir), "--phase", "auto",
+                    "model.teacher.path=/t", "plan.boundaries=[1.0,0.5,0.0]", "parallel.tp=4"]
+    env = _env_file(fake / "srun.env")
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("node007", "20041")
+    assert env["CUDA_DEVICE_MAX_CONNECTIONS"] == "1" and env["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1" and "CUDA_VISIBLE_DEVICES" not in env
+    assert env["PYTHONPATH"].split(":")[0] == str(ROOT)
+    sbatch = (fake / "sbatch.args").read_text().splitlines()
+    assert sbatch == ["--parsable", "--nodes=4", "--dependency=afterok:41", "--kill-on-invalid-dep=yes",
+                      "--job-name=pdmd-wan22", "--partition=gpu", "--account=acc", "--qos=high",
+                      "--ntasks-per-node=8", "--gpus-per-node=8", "--time=4:00:00",
+                      "--output=/logs/pdmd-wan22-%j.out", "--error=/logs/pdmd-wan22-%j.out", "--constraint=h100",
+                      str(SCRIPT)]
+    env = _env_file(fake / "sbatch.env")
+    assert not [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"] and "MASTER_ADDR" not in env
+    assert env["PDMD_OVERRIDES_PHASE2"] == "parallel.tp=8" and env["SLURM_CONF"] == "/etc/slurm/slurm.conf"
+    assert (run_dir / "slurm" / "active_job").read_text().strip() == "42"
+    assert [e["event"] for e in _events(run_dir)] == ["start", "exit", "submitted"]
+    assert _events(run_dir)[-1]["next_job"] == "42" and _events(run_dir)[-1]["nodes"] == "4"
+
+
+def test_cpu_job_preempted_requeues_itself(tmp_path):
+    proc, fake, run_dir = _fake_job(tmp_path, ["done", "pending"], PDMD_DEVICE="cpu", FAKE_SRUN_RC="75",
+                                    PDMD_PYTHON=sys.executable)
+    assert proc.returncode == 75, proc.stdout + proc.stderr
+    env = _env_file(fake / "srun.env")
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["OMP_NUM_THREADS"] == "16"
+    assert "scontrol requeue 41" in (fake / "calls").read_text()
+    assert [e["event"] for e in _events(run_dir)] == ["start", "exit", "requeue"]
+    assert not (fake / "sbatch.args").exists()
+
+
+@pytest.mark.parametrize("rc, retries, events", [("1", "0", ["start", "exit", "give_up"]),
+                                                  ("1", "1", ["start", "exit", "requeue"]),
+                                                  ("2", "5", ["start", "exit", "give_up"])])
+def test_failures_are_retried_within_the_cap_and_config_errors_never(tmp_path, rc, retries, events):
+    proc, fake, run_dir = _fake_job(tmp_path, ["pending", "pending"], FAKE_SRUN_RC=rc, PDMD_MAX_RETRIES=retries,
+                                    PDMD_PYTHON=sys.executable)
+    assert proc.returncode == int(rc), proc.stdout + proc.stderr
+    assert [e["event"] for e in _events(run_dir)] == events
+    assert ("scontrol requeue" in (fake / "calls").read_text()) == (events[-1] == "requeue")
+
+
+@pytest.mark.parametrize("statuses, active, state, event", [(["done", "done"], None, "", "skip"),
+                                                             (["pending", "pending"], "40", "RUNNING", "busy"),
+                                                             (["done", "pending"], "40", "PENDING", "busy")])
+def test_finished_or_busy_run_dirs_launch_nothing(tmp_path, statuses, active, state, event):
+    proc, fake, run_dir = _fake_job(tmp_path, statuses, active, FAKE_SQUEUE_STATE=state, PDMD_PYTHON=sys.executable)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [e["event"] for e in _events(run_dir)] == [event]
+    assert not (fake / "srun.args").exists()
 
 
 # ------------------------------------------------------------------ the cluster

@@ -36,12 +36,11 @@ exec 9>"$PREFIX/setup.lock"
 command -v flock >/dev/null && { flock -w 900 9 || die "another setup_slurm.sh holds $PREFIX/setup.lock"; }
 
 # 1. Packages (only what is missing; --no-install-recommends keeps it to ~10 small packages).
+export PATH=$PATH:/usr/sbin:/sbin
 missing=()
 for pair in slurmctld:slurmctld slurmd:slurmd sbatch:slurm-client munged:munge; do
-    command -v "${pair%%:*}" >/dev/null 2>&1 || PATH=$PATH:/usr/sbin command -v "${pair%%:*}" >/dev/null 2>&1 \
-        || missing+=("${pair#*:}")
+    command -v "${pair%%:*}" >/dev/null 2>&1 || missing+=("${pair#*:}")
 done
-export PATH=$PATH:/usr/sbin:/sbin
 if [ "${#missing[@]}" -gt 0 ]; then
     command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get: install Slurm and MUNGE yourself"
     log "installing ${missing[*]} (apt-get)"

@@ -190,11 +190,12 @@ pdmd_submit_next() {  # phase
     mapfile -t args < <(pdmd_next_job_args "$nodes")
     read -r -a extra <<<"$PDMD_SBATCH_ARGS"  # split on spaces, no globbing
     args+=("${extra[@]}")
-    # A clean environment for the next job: none of this job's SLURM_* (srun would read them as
-    # options) except SLURM_CONF; the PDMD_* contract and the user's own variables travel (--export=ALL).
+    # A clean environment for the next job: none of this job's SLURM_*/SRUN_* (srun would read them as
+    # options) except SLURM_CONF; the PDMD_* contract, SBATCH_* defaults and the user's own variables
+    # travel (--export=ALL).
     local unset_args=() v
     for v in $(compgen -e); do
-        case "$v" in SLURM_CONF) ;; SLURM_*|SRUN_*|SBATCH_*) unset_args+=(-u "$v") ;; esac
+        case "$v" in SLURM_CONF) ;; SLURM_*|SRUN_*) unset_args+=(-u "$v") ;; esac
     done
     if ! id=$(env "${unset_args[@]}" sbatch "${args[@]}" "$script"); then
         pdmd_event "event=submit_failed phase=$1 (submit it yourself: sbatch $script, same environment)"

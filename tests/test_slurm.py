@@ -57,7 +57,8 @@ def test_sbatch_scripts_parse_and_document_their_contract():
         # Slurm reads #SBATCH lines only before the first command.
         first_command = next(i for i, line in enumerate(text.splitlines()) if line and not line.startswith("#"))
         assert all(i < first_command for i, line in enumerate(text.splitlines()) if line.startswith("#SBATCH"))
-        for option in ("--requeue", "--exclusive", "--gpus-per-node=8", "--ntasks-per-node=8", "--open-mode=append"):
+        for option in ("--requeue", "--exclusive", "--mem=0", "--gpus-per-node=8", "--ntasks-per-node=8",
+                       "--open-mode=append"):
             assert option in directives, (path.name, option)
         assert any(re.fullmatch(r"--signal=B:USR1@\d+", d) for d in directives), path.name
         assert any(d.startswith("--time=") for d in directives) and any(d.startswith("--nodes=") for d in directives)
@@ -148,7 +149,7 @@ def test_gpu_job_launches_one_task_per_gpu_and_submits_the_next_phase(tmp_path):
                       "--output=/logs/pdmd-wan22-%j.out", "--error=/logs/pdmd-wan22-%j.out", "--constraint=h100",
                       str(SCRIPT)]
     env = _env_file(fake / "sbatch.env")
-    assert not [k for k in env if k.startswith("SLURM_") and k != "SLURM_CONF"] and "MASTER_ADDR" not in env
+    assert not [k for k in env if k.startswith(("SLURM_", "SRUN_")) and k != "SLURM_CONF"] and "MASTER_ADDR" not in env
     assert env["PDMD_OVERRIDES_PHASE2"] == "parallel.tp=8" and env["SLURM_CONF"] == "/etc/slurm/slurm.conf"
     assert (run_dir / "slurm" / "active_job").read_text().strip() == "42"
     assert [e["event"] for e in _events(run_dir)] == ["start", "exit", "submitted"]

@@ -3,11 +3,10 @@ Transformer Engine (TE linears; FP8 through TE's recipes; GPU only)."""
 
 from __future__ import annotations
 
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel import ColumnParallelLinear
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_adapters.attention import SDPAttention
 from megatron_adapters.norms import SequenceParallelNorm
 from megatron_adapters.qwen_image.layer import (
     QwenImageLayer,
@@ -15,7 +14,7 @@ from megatron_adapters.qwen_image.layer import (
     QwenJointAttention,
     QwenJointAttentionSubmodules,
 )
-from megatron_adapters.wan.specs import te_available
+from megatron_adapters.wan.specs import spec_for
 
 # Per-head q/k RMSNorm (diffusers RMSNorm(head_dim)); the model's other norms are LayerNorms.
 HEAD_RMS_NORM = ModuleSpec(module=SequenceParallelNorm, params={"normalization": "RMSNorm"})
@@ -43,23 +42,12 @@ def _layer_spec(column, row, core_attention) -> ModuleSpec:
 
 
 def local_layer_spec() -> ModuleSpec:
-    """Megatron-core's own parallel linears and our SDPA attention (exact CP by K/V all-gather)."""
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, SDPAttention)
+    return spec_for("local", _layer_spec)
 
 
 def te_layer_spec() -> ModuleSpec:
-    """TE's linears (FP8 per the TransformerConfig's fp8 recipe) with our joint attention core, as for Wan."""
-    ok, why = te_available()
-    if not ok:
-        raise RuntimeError(f"model.spec=te was asked for but {why}; use model.spec=local")
-    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-
-    return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, SDPAttention)
+    return spec_for("te", _layer_spec)
 
 
 def layer_spec(kind: str) -> ModuleSpec:
-    if kind == "local":
-        return local_layer_spec()
-    if kind == "te":
-        return te_layer_spec()
-    raise ValueError(f"model.spec={kind!r}: choose 'local' (torch ops, any device) or 'te' (Transformer Engine)")
+    return spec_for(kind, _layer_spec)

@@ -43,11 +43,6 @@ def _layer_spec(column, row, core_attention) -> ModuleSpec:
     )
 
 
-def local_layer_spec() -> ModuleSpec:
-    """Megatron-core's own parallel linears and our SDPA attention (exact CP by K/V all-gather)."""
-    return _layer_spec(ColumnParallelLinear, RowParallelLinear, SDPAttention)
-
-
 def te_available() -> tuple[bool, str]:
     """Whether Transformer Engine can be used here, and why not if it can't."""
     try:
@@ -62,24 +57,31 @@ def te_available() -> tuple[bool, str]:
     return True, ""
 
 
+def spec_for(kind: str, build) -> ModuleSpec:
+    """``build(column, row, core_attention)`` with megatron-core's own parallel linears (``local``: torch
+    ops, any device) or Transformer Engine's (``te``: FP8 per the TransformerConfig's recipe; refused
+    with the reason where TE cannot run). The core attention is our SDPA either way (exact CP by K/V
+    all-gather; TE's DotProductAttention is the next step once measured against it). Shared by every
+    model's layer spec."""
+    if kind == "local":
+        return build(ColumnParallelLinear, RowParallelLinear, SDPAttention)
+    if kind == "te":
+        ok, why = te_available()
+        if not ok:
+            raise RuntimeError(f"model.spec=te was asked for but {why}; use model.spec=local")
+        from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
+
+        return build(TEColumnParallelLinear, TERowParallelLinear, SDPAttention)
+    raise ValueError(f"model.spec={kind!r}: choose 'local' (torch ops, any device) or 'te' (Transformer Engine)")
+
+
+def local_layer_spec() -> ModuleSpec:
+    return spec_for("local", _layer_spec)
+
+
 def te_layer_spec() -> ModuleSpec:
-    """TE's linears (FP8 per the TransformerConfig's fp8 recipe) with our attention core.
-
-    The core attention stays ours (SDPA, flash kernels on GPU) because Wan's bidirectional attention
-    with all-heads q/k norm sits between the projections; TE's DotProductAttention is the next step
-    once it is measured against ours (docs/benchmarks.md).
-    """
-    ok, why = te_available()
-    if not ok:
-        raise RuntimeError(f"model.spec=te was asked for but {why}; use model.spec=local")
-    from megatron.core.extensions.transformer_engine import TEColumnParallelLinear, TERowParallelLinear
-
-    return _layer_spec(TEColumnParallelLinear, TERowParallelLinear, SDPAttention)
+    return spec_for("te", _layer_spec)
 
 
 def layer_spec(kind: str) -> ModuleSpec:
-    if kind == "local":
-        return local_layer_spec()
-    if kind == "te":
-        return te_layer_spec()
-    raise ValueError(f"model.spec={kind!r}: choose 'local' (torch ops, any device) or 'te' (Transformer Engine)")
+    return spec_for(kind, _layer_spec)

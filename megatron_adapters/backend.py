@@ -138,8 +138,8 @@ class MegatronWanBackend:
         if world is not None:  # the layout must fit the model before anything is built
             validate_layout(layout, world, num_heads=self.wan[0].num_attention_heads,
                             num_layers=self.wan[0].num_layers, seq_len=self.tokens)
-        self.ctx = ctx or initialize(layout, seed=cfg.seed, num_heads=self.wan[0].num_attention_heads,
-                                     num_layers=self.wan[0].num_layers)
+        self.ctx = ctx or initialize(layout, seed=cfg.seed, timeout_minutes=cfg.parallel.timeout_minutes,
+                                     num_heads=self.wan[0].num_attention_heads, num_layers=self.wan[0].num_layers)
         validate_layout(layout, dist.get_world_size(), num_heads=self.wan[0].num_attention_heads,
                         num_layers=self.wan[0].num_layers, seq_len=self.tokens)
         self.dtype = DTYPES[cfg.model.dtype]

@@ -43,6 +43,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
+    timeout_minutes: float = 10.0  # collective timeout: a rank stuck this long fails the job (then requeued)
 
 
 @dataclass
@@ -93,6 +94,16 @@ class WandbConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """What the run shows while it trains; left out of the run's identity (changing it never blocks a resume)."""
+
+    progress: bool = True  # a progress bar on the console (rank 0, interactive terminals only)
+    sample_every: int = 0  # decode preview samples every N generator steps (0 = never; needs vae)
+    sample_count: int = 2  # previews per logging step: the first prompts of the data set, fixed noise
+    vae: str | None = None  # AutoencoderKLWan folder, or a pipeline folder with vae/ (e.g. the teacher's)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -104,6 +115,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: dict[str, Any] = field(default_factory=dict)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def phase_plan(self) -> PhasePlan:
         return PhasePlan.from_config(self.plan)
@@ -113,8 +125,8 @@ class RunConfig:
 
     def hash(self) -> str:
         """Identity of the run for the manifest. The parallel layout and logging are left out: a run may
-        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere."""
-        ident = {k: v for k, v in self.to_dict().items() if k not in ("parallel", "wandb")}
+        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere or differently."""
+        ident = {k: v for k, v in self.to_dict().items() if k not in ("parallel", "wandb", "logging")}
         return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
@@ -136,7 +148,7 @@ def _build(cls, raw: Any, where: str):
         ftype = fields[name].type
         nested = {"model": ModelConfig, "teacher": TeacherConfig, "parallel": ParallelConfig, "method": MethodConfig,
                   "student": OptimConfig, "fake": OptimConfig, "train": TrainConfig, "wandb": WandbConfig,
-                  "lora": LoRASection}.get(name)
+                  "lora": LoRASection, "logging": LoggingConfig}.get(name)
         if nested is not None and "dict" not in str(ftype):
             values[name] = None if (name == "lora" and value is None) else _build(nested, value, sub)
         else:
@@ -194,6 +206,8 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg.parallel, key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
+    _positive(cfg.parallel.timeout_minutes, "parallel.timeout_minutes",
+              "minutes a collective may wait before the job fails (checkpoint saves of 14B models need several)")
     try:
         plan = cfg.phase_plan()
     except ValueError as exc:
@@ -219,6 +233,15 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.latent_shape={t.latent_shape} must be [channels, frames, height, width]")
     if not cfg.data.get("shards"):
         raise ConfigError("data.shards is empty: point it at a folder written by tools/make_prompt_shards.py")
+    log = cfg.logging
+    if not isinstance(log.sample_every, int) or log.sample_every < 0:
+        raise ConfigError(f"logging.sample_every={log.sample_every!r} must be an integer >= 0 (0 = no previews)")
+    if not isinstance(log.sample_count, int) or log.sample_count < 1:
+        raise ConfigError(f"logging.sample_count={log.sample_count!r} must be an integer >= 1")
+    if log.sample_every and not log.vae:
+        raise ConfigError("logging.sample_every needs logging.vae: a pipeline folder with vae/ (e.g. the teacher's)")
+    if log.vae and not ((Path(log.vae) / "vae" / "config.json").is_file() or (Path(log.vae) / "config.json").is_file()):
+        raise ConfigError(f"logging.vae={log.vae}: neither an AutoencoderKLWan folder nor a pipeline folder with vae/")
     if cfg.wandb.mode not in ("offline", "online", "disabled"):
         raise ConfigError(f"wandb.mode={cfg.wandb.mode!r}: choose offline, online or disabled")
     if plan.num_phases < 1:

@@ -50,6 +50,7 @@ class PhaseTrainer:
         self.backend, self.plan, self.k, self.method = backend, plan, k, method
         self.latent_shape, self.seed = tuple(latent_shape), seed
         self.s = plan.phase_end(k)
+        self.last_t = torch.empty(0)  # re-noise times of the latest generator step
 
     def _gen(self, step: int, purpose: str) -> torch.Generator:
         return make_generator(self.seed, self.k, step, purpose, self.backend.dp_rank)
@@ -57,24 +58,36 @@ class PhaseTrainer:
     def _randn(self, batch: int, gen: torch.Generator) -> torch.Tensor:
         return torch.randn(batch, *self.latent_shape, generator=gen).to(self.backend.device)
 
+    def _walk(self, x: torch.Tensor, text: torch.Tensor, last: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """Euler steps 0..last-1 from x (earlier phases' frozen experts, then the student), and the
+        velocity at step ``last``: returns (its input, its time, the velocity)."""
+        times = list(self.plan.timesteps) + [0.0]
+        for i in range(last + 1):
+            phase = self.plan.phase_of_step(i)
+            role = "student" if phase == self.k else f"expert:{phase}"
+            v = self.backend.velocity(role, x, torch.full((x.shape[0],), times[i], device=x.device), text)
+            if i == last:
+                return x, times[i], v
+            x = x + (times[i + 1] - times[i]) * v
+        raise AssertionError("unreachable: the walk always reaches step `last`")
+
     @torch.no_grad()
     def rollout(self, text: torch.Tensor, gen: torch.Generator) -> Rollout:
         """Backward simulation from pure noise: earlier experts, then the student up to the step that
         carries the gradient (SGTS: uniform over the phase's steps; else its last), then its jump to s."""
-        b = text.shape[0]
-        times = list(self.plan.timesteps) + [0.0]
-        x = self._randn(b, gen)
+        x = self._randn(text.shape[0], gen)
         steps = list(self.plan.steps_in_phase(self.k))
         j = steps[int(torch.randint(len(steps), (1,), generator=gen))] if self.method.sgts else steps[-1]
-        for i in range(j + 1):
-            phase = self.plan.phase_of_step(i)
-            role = "student" if phase == self.k else f"expert:{phase}"
-            t = torch.full((b,), times[i], device=x.device)
-            v = self.backend.velocity(role, x, t, text)
-            if i == j:
-                return Rollout(x_in=x, t_in=times[i], x_gen=x + (self.s - times[i]) * v, step=j)
-            x = x + (times[i + 1] - times[i]) * v
-        raise AssertionError("unreachable: the rollout always reaches step j")
+        x_in, t_in, v = self._walk(x, text, j)
+        return Rollout(x_in=x_in, t_in=t_in, x_gen=x_in + (self.s - t_in) * v, step=j)
+
+    @torch.no_grad()
+    def preview(self, text: torch.Tensor, seed: int) -> torch.Tensor:
+        """The generator's clean estimate by the end of phase k from fixed noise: x - t v at the phase's
+        last step (for the last phase, exactly the few-step sample). What the logged previews show."""
+        x = self._randn(text.shape[0], torch.Generator().manual_seed(seed))
+        x_in, t_in, v = self._walk(x, text, list(self.plan.steps_in_phase(self.k))[-1])
+        return x_in - t_in * v
 
     def _renoise(self, x_s: torch.Tensor, gen: torch.Generator):
         b = x_s.shape[0]
@@ -102,10 +115,16 @@ class PhaseTrainer:
         timing["time_fake_s"] = lap()
         if self.method.dmd_form == "velocity":
             dmd = obj.dmd_velocity_loss(r.x_gen, v_real, v_fake, self.s, t)
+            # The time weight w_{t|s} plays the normaliser's part in the velocity form.
+            normaliser = obj.dmd_weight(self.s, t).float()
         else:
-            dmd = obj.dmd_x0_loss(r.x_gen, x0_from_velocity(x_t, v_real, t), x0_from_velocity(x_t, v_fake, t))
-        metrics = {"dmd_grad_norm": dmd.grad.float().norm().item(), "t_mean": t.mean().item(),
-                   "t_min": t.min().item(), "t_max": t.max().item(), "sgts_step": float(r.step), **timing}
+            x0_real = x0_from_velocity(x_t, v_real, t)
+            dmd = obj.dmd_x0_loss(r.x_gen, x0_real, x0_from_velocity(x_t, v_fake, t))
+            normaliser = (r.x_gen - x0_real).abs().flatten(1).mean(1).float()  # before its clamp at norm_min
+        self.last_t = t.detach().cpu()  # for the t histogram
+        metrics = {"dmd_grad_norm": dmd.grad.float().norm().item(), "dmd_normaliser": normaliser.mean().item(),
+                   "t_mean": t.mean().item(), "t_min": t.min().item(), "t_max": t.max().item(),
+                   "sgts_step": float(r.step), **timing}
         if not torch.isfinite(dmd.target).all():
             return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
         target, x_in, jump = dmd.target, r.x_in, self.s - r.t_in

@@ -36,6 +36,24 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=step)
 
+    def log_histogram(self, step: int, key: str, values) -> None:
+        """A distribution (e.g. the re-noise times of a step) to W&B; metrics.jsonl keeps its summary scalars."""
+        if self.run is not None:
+            import wandb
+
+            self.run.log({key: wandb.Histogram(values.tolist() if hasattr(values, "tolist") else list(values))},
+                         step=step)
+
+    def log_media(self, step: int, key: str, paths: list[Path], caption: str = "") -> None:
+        """Decoded preview samples (PNG, GIF or MP4 files already written in the run dir) to W&B."""
+        if self.run is None or not paths:
+            return
+        import wandb
+
+        items = [wandb.Image(str(p), caption=caption) if p.suffix == ".png" else wandb.Video(str(p), caption=caption)
+                 for p in paths]
+        self.run.log({key: items}, step=step)
+
     def close(self) -> None:
         if self.run is not None:
             self.run.finish()

@@ -3,7 +3,9 @@
 All phases in order in one process (default), or one phase per invocation (``--phase auto`` = the next
 pending one; what one Slurm job per phase runs). Resumable: rerun the same command after any stop.
 SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit with code 75 (EX_TEMPFAIL), which
-the Slurm scripts treat as "requeue me".
+the Slurm scripts treat as "requeue me". Exit codes: 0 done, 2 a mistake in the config, the command or
+the run directory (retrying cannot help), 3 training diverged (non-finite losses; retrying from the
+same checkpoint would diverge again), 75 preempted, 1 anything else (possibly transient: retried).
 """
 
 from __future__ import annotations
@@ -20,19 +22,39 @@ from pdmd.method import PhaseTrainer
 from pdmd.metrics import MetricsLogger
 from pdmd.phases import RunDir, tree_hash
 
+EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
 
 
+class TrainingDiverged(RuntimeError):
+    """Too many generator steps in a row with a non-finite DMD target or loss."""
+
+
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1; the loop checks it between steps."""
+    """Set by SIGTERM/SIGUSR1 (installed before anything slow is built); the loop checks it between steps."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._set)
+        self._previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGUSR1)}
 
     def _set(self, signum, _frame) -> None:
         self.signal = signum
+
+    def agreed(self, device: torch.device) -> int | None:
+        """The signal if ANY rank got one. A signal can reach ranks on either side of a step boundary;
+        without agreement one rank would start the (collective) save while another starts the next step."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return self.signal
+        flag = torch.tensor([self.signal or 0], dtype=torch.int64, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item()) or None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,9 +77,9 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
     entry = manifest["phases"][k - 1]
     earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: k - 1]}
     backend.setup_phase(k, entry["student_expert"], earlier, cfg.phase_plan().renoise_interval(k))
-    loader = PromptLoader(PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
-                                                      "seed": cfg.seed}),
-                          dp_rank=backend.dp_rank, dp_size=backend.dp_size)
+    data_cfg = PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
+                                           "seed": cfg.seed})
+    loader = PromptLoader(data_cfg, dp_rank=backend.dp_rank, dp_size=backend.dp_size)
     start = 0
     if entry["checkpoints"]:
         state = backend.load(run.path / entry["checkpoints"][0])
@@ -65,46 +87,64 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
         start = state["step"]
     run.update_phase(k, status="running")
     trainer = PhaseTrainer(backend, cfg.phase_plan(), k, cfg.method, cfg.train.latent_shape, cfg.seed)
+    previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
     negative_single = loader.negative["text_embeds"].to(backend.device)
     batches = loader.forever()
     bad = 0
     steps = cfg.train.steps
-    for step in range(start, steps):
-        tic = time.perf_counter()
-        batch = next(batches)
-        text = batch["text_embeds"].to(backend.device)
-        negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
-        fake = [trainer.fake_step(step, i, text) for i in range(cfg.method.fake_ratio)]
-        gen = trainer.generator_step(step, text, negative)
-        bad = bad + 1 if gen.get("skipped") else 0
-        if bad >= cfg.train.max_bad_steps:
-            run.update_phase(k, status="failed")
-            raise RuntimeError(f"phase {k}: {bad} generator steps in a row had a non-finite DMD target or loss; "
-                               f"the last good checkpoint is {run.read()['phases'][k - 1]['checkpoints'][:1]}")
-        elapsed = time.perf_counter() - tic
-        scalars = {f"phase{k}/{name}": value for name, value in gen.items()}
-        scalars[f"phase{k}/fake_loss"] = sum(f["fake_loss"] for f in fake) / len(fake)
-        scalars[f"phase{k}/fake_grad_norm"] = max(f["fake_grad_norm"] for f in fake)
-        scalars[f"phase{k}/samples_per_s"] = text.shape[0] * backend.dp_size / elapsed
-        scalars[f"phase{k}/step_time_s"] = elapsed
-        scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad)
-        scalars[f"phase{k}/student_lr"] = cfg.student.lr
-        scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
-        scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
-        if (step + 1) % cfg.train.log_every == 0:
-            logger.log(_global_step(cfg, k, step), scalars)
-            if backend_rank0():
-                print(f"phase {k} step {step + 1}/{steps} generator_loss={gen['generator_loss']:.4g} "
-                      f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)", flush=True)
-        done = step + 1
-        if done % cfg.train.checkpoint_every == 0 or done == steps or stop.signal is not None:
-            backend.save(run.step_dir(k, done), {"step": done, "loader": loader.state_dict(), "phase": k})
-            if backend_rank0():
-                run.record_checkpoint(k, done, cfg.train.keep_last)
-            _barrier()
-        if stop.signal is not None and done < steps:
-            print(f"phase {k}: signal {stop.signal} received, checkpoint at step {done} saved; exiting", flush=True)
-            return EXIT_PREEMPTED
+    bar = _progress(cfg, k, start, steps)
+    try:
+        for step in range(start, steps):
+            tic = time.perf_counter()
+            batch = next(batches)
+            text = batch["text_embeds"].to(backend.device)
+            negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
+            fake = [trainer.fake_step(step, i, text) for i in range(cfg.method.fake_ratio)]
+            gen = trainer.generator_step(step, text, negative)
+            bad = bad + 1 if gen.get("skipped") else 0
+            if bad >= cfg.train.max_bad_steps:
+                run.update_phase(k, status="failed")
+                raise TrainingDiverged(
+                    f"phase {k}: {bad} generator steps in a row had a non-finite DMD target or loss; the last good "
+                    f"checkpoint is {run.read()['phases'][k - 1]['checkpoints'][:1]}. Lower student.lr / "
+                    f"method.cfg_scale, or use model.dtype=fp32, then rerun to resume from it")
+            elapsed = time.perf_counter() - tic
+            scalars = {f"phase{k}/{name}": value for name, value in gen.items()}
+            scalars[f"phase{k}/fake_loss"] = sum(f["fake_loss"] for f in fake) / len(fake)
+            scalars[f"phase{k}/fake_grad_norm"] = max(f["fake_grad_norm"] for f in fake)
+            scalars[f"phase{k}/samples_per_s"] = text.shape[0] * backend.dp_size / elapsed
+            scalars[f"phase{k}/step_time_s"] = elapsed
+            scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad)
+            scalars[f"phase{k}/student_lr"] = cfg.student.lr
+            scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
+            scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
+            done = step + 1
+            if done % cfg.train.log_every == 0:
+                logger.log(_global_step(cfg, k, step), scalars)
+                logger.log_histogram(_global_step(cfg, k, step), f"phase{k}/t", trainer.last_t)
+                line = (f"phase {k} step {done}/{steps} generator_loss={gen['generator_loss']:.4g} "
+                        f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)")
+                if bar is not None:
+                    bar.set_postfix_str(line.split(" ", 4)[-1], refresh=False)
+                elif backend_rank0():
+                    print(line, flush=True)
+            if bar is not None:
+                bar.update(1)
+            if previews is not None and done % cfg.logging.sample_every == 0:
+                previews.log(trainer, logger, k, done, _global_step(cfg, k, step))
+            signalled = stop.agreed(backend.device)
+            if done % cfg.train.checkpoint_every == 0 or done == steps or signalled is not None:
+                backend.save(run.step_dir(k, done), {"step": done, "loader": loader.state_dict(), "phase": k})
+                if backend_rank0():
+                    run.record_checkpoint(k, done, cfg.train.keep_last)
+                _barrier()
+            if signalled is not None and done < steps:
+                if backend_rank0():
+                    print(f"phase {k}: signal {signalled} received, checkpoint at step {done} saved; exiting", flush=True)
+                return EXIT_PREEMPTED
+    finally:
+        if bar is not None:
+            bar.close()
     backend.save_expert(run.expert_dir(k))
     _barrier()
     if backend_rank0():
@@ -112,6 +152,40 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
                          expert_hash=tree_hash(run.expert_dir(k)))
     _barrier()
     return 0
+
+
+def _progress(cfg: RunConfig, k: int, start: int, steps: int):
+    """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get one line per step instead."""
+    if not (cfg.logging.progress and backend_rank0() and sys.stderr.isatty()):
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc=f"phase {k}", unit="step", dynamic_ncols=True)
+
+
+class _Previews:
+    """Preview samples every ``logging.sample_every`` steps: fixed prompts (the data set's first) and fixed
+    noise, so that successive previews show the generator changing, decoded through the VAE on rank 0."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, data_cfg, backend) -> None:
+        from data.loader import PromptLoader
+        from pdmd.sample import vae_folder
+
+        first = next(iter(PromptLoader(data_cfg, dp_rank=0, dp_size=1).forever()))
+        self.text = first["text_embeds"][: cfg.logging.sample_count].to(backend.device)
+        self.prompts = list(first.get("prompt", []))[: cfg.logging.sample_count]
+        self.vae = vae_folder(cfg.logging.vae)
+        self.seed, self.dir = cfg.seed, run.path / "samples"
+
+    def log(self, trainer: PhaseTrainer, logger: MetricsLogger, k: int, done: int, global_step: int) -> None:
+        from pdmd.sample import decode, save_media
+
+        latents = trainer.preview(self.text, self.seed)  # every rank: the passes are collective
+        if not backend_rank0():
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        paths = save_media(decode(latents.cpu(), self.vae), self.dir / f"phase{k}_step{done}", "gif")
+        logger.log_media(global_step, f"phase{k}/samples", paths, caption=" | ".join(self.prompts))
 
 
 def _peak_memory_gb() -> float:
@@ -144,16 +218,18 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
     """Run the requested phases; returns the process exit code."""
     from megatron_adapters.backend import MegatronWanBackend
 
-    backend = MegatronWanBackend(cfg)
-    run = RunDir(run_dir)
-    plan = cfg.phase_plan()
-    if backend_rank0():
-        run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict())
-    _barrier()
-    manifest = run.read()
-    logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(), rank=0 if backend_rank0() else 1)
-    stop = _StopFlag()
+    stop = _StopFlag()  # before the backend: building 14B of roles takes minutes, and a signal may come
+    logger = None
     try:
+        backend = MegatronWanBackend(cfg)
+        run = RunDir(run_dir)
+        plan = cfg.phase_plan()
+        if backend_rank0():
+            run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict())
+        _barrier()
+        manifest = run.read()
+        logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(),
+                               rank=0 if backend_rank0() else 1)
         if phase == "all":
             todo = [e["index"] for e in manifest["phases"] if e["status"] != "done"]
         elif phase == "auto":
@@ -170,21 +246,26 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
             print(f"run {run.path}: phases done: {[e['index'] for e in run.read()['phases'] if e['status'] == 'done']}")
         return 0
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+        stop.restore()
 
 
 def run(args: argparse.Namespace) -> int:
     if args.phase not in ("all", "auto") and not args.phase.isdigit():
         print(f"pdmd train: --phase {args.phase!r}: use all, auto or a phase number", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"pdmd train: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         return train(cfg, args.run_dir, args.phase)
-    except (ConfigError, ValueError, RuntimeError, FileNotFoundError) as exc:
-        # Errors a user can act on (bad layout, unfinished earlier phase, diverged training): one line.
+    except TrainingDiverged as exc:
         print(f"pdmd train: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_DIVERGED
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        # Mistakes a user can act on (bad layout, unfinished earlier phase, changed run): one line, no retry.
+        print(f"pdmd train: {exc}", file=sys.stderr)
+        return EXIT_USAGE

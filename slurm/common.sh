@@ -13,11 +13,12 @@
 #     tasks directly. pdmd saves at the next step boundary and exits 75; we then `scontrol requeue`.
 #     TERM to this shell (scancel, Slurm preemption, the time limit) is passed on as USR1 (srun would
 #     kill the step on TERM), and we do not requeue: Slurm decides what happens to the job.
-#   - exit 2 (bad config or usage) is never retried; other failures are requeued at most
+#   - exit 2 (bad config or usage) and 3 (training diverged) are never retried; other failures are requeued at most
 #     PDMD_MAX_RETRIES times per job.
 # shellcheck shell=bash
 
 EXIT_PREEMPTED=75
+EXIT_DIVERGED=3     # pdmd train: non-finite losses in a row; a retry from the same checkpoint diverges again
 EXIT_USAGE=2
 
 pdmd_log() {
@@ -322,6 +323,10 @@ pdmd_after_exit() {  # rc phase
             exit "$rc"
         fi
         pdmd_requeue "preempted ($n of at most $PDMD_MAX_REQUEUES)" || exit "$rc"
+        exit "$rc"
+    fi
+    if [ "$rc" = "$EXIT_DIVERGED" ]; then
+        pdmd_event "event=give_up reason=diverged rc=$rc (training diverged: lower the learning rate or CFG scale, then rerun the same sbatch command to resume from the last good checkpoint)"
         exit "$rc"
     fi
     if [ "$rc" = "$EXIT_USAGE" ]; then

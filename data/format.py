@@ -8,6 +8,10 @@ negative prompt, once per dataset), ``index.json`` and the writer's bookkeeping 
 - ``KEY.safetensors``  safetensors bytes with one tensor ``text_embeds`` ``[L, D]``, trimmed to its true length;
 - ``KEY.json``         ``{"index": i, "line": source line, "length": L}``.
 
+Image-conditioned datasets (index field ``conditioning``, see data/conditioning.py) add a fourth member,
+``KEY.cond.safetensors``, holding the conditioning tensors of ``COND_KEYS[kind]`` (latents in the stored
+dtype, masks uint8), and ``image``, ``bucket``, ``height``, ``width`` in ``KEY.json``.
+
 No pickles anywhere: safetensors (which also holds bf16, unlike npy) and JSON only.
 """
 
@@ -30,6 +34,9 @@ NEGATIVE = "negative.safetensors"
 BUILD = "build.json"
 EMBED_KEY = "text_embeds"
 DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float32: "float32"}
+COND_MEMBER = "cond.safetensors"
+# Conditioning tensors per kind: (latents, mask). i2v = Wan2.2 I2V-A14B, ti2v = Wan2.2 TI2V-5B.
+COND_KEYS = {"i2v": ("cond_latents", "cond_mask"), "ti2v": ("first_frame_latents", "first_frame_mask")}
 
 
 def shard_name(i: int) -> str:
@@ -54,11 +61,23 @@ def embeds_from_bytes(data: bytes) -> torch.Tensor:
     return t
 
 
-def encode_sample(index: int, prompt: str, line: int, embeds: torch.Tensor) -> dict[str, Any]:
-    """The tar members of one sample, as a WebDataset writer dict."""
-    meta = {"index": index, "line": line, "length": int(embeds.shape[0])}
-    return {"__key__": sample_key(index), "txt": prompt.encode("utf-8"), "safetensors": embeds_to_bytes(embeds),
-            "json": json.dumps(meta).encode("utf-8")}
+def cond_from_bytes(data: bytes, kind: str) -> dict[str, torch.Tensor]:
+    """Decode a ``cond.safetensors`` member; raises ValueError unless it holds exactly ``COND_KEYS[kind]``."""
+    tensors = st_load(data)
+    if set(tensors) != set(COND_KEYS[kind]):
+        raise ValueError(f"expected conditioning tensors {list(COND_KEYS[kind])}, got {sorted(tensors)}")
+    return tensors
+
+
+def encode_sample(index: int, prompt: str, line: int, embeds: torch.Tensor,
+                  cond: dict[str, torch.Tensor] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The tar members of one sample, as a WebDataset writer dict (``cond``: image conditioning tensors)."""
+    meta = {"index": index, "line": line, "length": int(embeds.shape[0]), **(extra or {})}
+    sample = {"__key__": sample_key(index), "txt": prompt.encode("utf-8"), "safetensors": embeds_to_bytes(embeds),
+              "json": json.dumps(meta).encode("utf-8")}
+    if cond is not None:
+        sample[COND_MEMBER] = st_save({k: v.contiguous() for k, v in cond.items()})
+    return sample
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -10,6 +10,10 @@
 Pass the DATA-parallel rank and size (TP/PP/CP ranks of one replica must read the same prompts);
 without them the loader uses torch.distributed's rank and world size, which is right only without
 model parallelism. The state dict is the same on every rank, so saving it from one rank is enough.
+
+Image-conditioned shards (``tools/make_prompt_shards.py --conditioning i2v|ti2v``) add their tensors to
+each batch (``cond_latents`` / ``cond_mask`` or ``first_frame_latents`` / ``first_frame_mask``, see
+data/collate.py); every batch then holds one resolution bucket (data/plan.py, GroupedEpochPlan).
 """
 
 from __future__ import annotations
@@ -54,6 +58,8 @@ class PromptDataConfig:
     prefetch_factor: int = 2
     pin_memory: bool = False
     worker_start_method: str | None = None  # DataLoader workers: None = torch's default (fork on Linux), or spawn
+    conditioning: str | None = None  # i2v | ti2v | none: the shards must hold this (None: whatever they hold)
+    num_frames: int | None = None  # image-conditioned shards must have been encoded for this many frames
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PromptDataConfig:
@@ -81,6 +87,8 @@ class PromptDataConfig:
             raise bad("max_length", "must be positive")
         if self.worker_start_method not in (None, "fork", "spawn", "forkserver"):
             raise bad("worker_start_method", "must be fork, spawn or forkserver (or unset)")
+        if self.conditioning not in (None, "none", "i2v", "ti2v"):
+            raise bad("conditioning", "must be i2v, ti2v or none (or unset: accept what the shards hold)")
         if self.url_template is not None and "{name}" not in self.url_template:
             raise bad("url_template", "must contain {name}, replaced by each shard's file name")
 
@@ -115,7 +123,8 @@ class PromptLoader:
         self.corrupt_shards: dict[str, str] = {}  # name -> reason, for the trainer's W&B counter
         self.epoch, self.batch = 0, 0
         self._spec = StreamSpec(self.shards, self.index["dim"], config.model, self.max_length, config.pad_to_max_length,
-                                config.batch_size, config.mode, config.seed, dp_rank, dp_size, config.shuffle)
+                                config.batch_size, config.mode, config.seed, dp_rank, dp_size, config.shuffle,
+                                **self._cond_spec())
         self.batches_per_epoch: int | None = make_plan(self._spec).batches_per_rank
         self.negative = self._load_negative()
 
@@ -134,12 +143,33 @@ class PromptLoader:
         if c.model == "wan" and idx["longest"] > self.max_length:
             raise ValueError(f"the longest prompt embedding has {idx['longest']} tokens, more than data.max_length "
                              f"{self.max_length} that Wan pads to: raise max_length or re-encode with --max-length")
+        kind = (idx.get("conditioning") or {}).get("kind", "none")
+        if c.conditioning is not None and c.conditioning != kind:
+            raise ValueError(f"the shards hold {kind!r} conditioning but data.conditioning is {c.conditioning!r}: "
+                             "build shards for this model with tools/make_prompt_shards.py --conditioning, or fix "
+                             "data.conditioning")
+        if c.num_frames is not None and kind != "none" and idx["conditioning"]["num_frames"] != c.num_frames:
+            raise ValueError(f"the shards' conditioning was encoded for {idx['conditioning']['num_frames']} frames but "
+                             f"data.num_frames is {c.num_frames}: re-encode with --num-frames {c.num_frames}")
         if not self.shards or sum(s.count for s in self.shards) == 0:
             raise ValueError(f"the dataset at {c.shards!r} is empty: no shards or no samples")
         missing = [s.url for s in self.shards if not is_url(s.url) and not os.path.isfile(s.url)]
         if missing:
             raise FileNotFoundError(f"{len(missing)} of {len(self.shards)} shards are missing, e.g. {missing[:3]}: "
                                     "copy them, or re-run tools/make_prompt_shards.py on the folder to rewrite them")
+
+    def _cond_spec(self) -> dict[str, Any]:
+        """StreamSpec fields of an image-conditioned dataset: bucket group per shard, kind, tensor shapes."""
+        cond = self.index.get("conditioning")
+        if not cond:
+            return {}
+        order = {b["name"]: i for i, b in enumerate(cond["buckets"])}
+        unknown = sorted({str(s.bucket) for s in self.shards if s.bucket not in order})
+        if unknown:
+            raise ValueError(f"shards of buckets {unknown} are not among the index's buckets {list(order)}: the index "
+                             "is inconsistent; re-run tools/make_prompt_shards.py on the folder")
+        return {"groups": [order[s.bucket] for s in self.shards], "cond_kind": cond["kind"],
+                "cond_shapes": {b["name"]: b["shapes"] for b in cond["buckets"]}}
 
     def _load_negative(self) -> dict[str, Any]:
         neg = self.index["negative"]

@@ -24,6 +24,7 @@ class ShardRef:
     count: int
     sha256: str
     bytes: int
+    bucket: str | None = None  # image-conditioned datasets: the resolution bucket all its samples share
 
 
 def is_url(s: str) -> bool:
@@ -83,5 +84,6 @@ def resolve_dataset(spec: str | list[str], url_template: str | None = None) -> t
         if len(set(names)) != len(names):
             raise ValueError("data config: shards lists a shard twice; each shard may appear once")
         pairs = [(by_name[n], u) for n, u in zip(names, selected)]
-    refs = [ShardRef(s["name"], url, s["start"], s["count"], s["sha256"], s["bytes"]) for s, url in pairs]
+    refs = [ShardRef(s["name"], url, s["start"], s["count"], s["sha256"], s["bytes"], s.get("bucket"))
+            for s, url in pairs]
     return index, refs, base

@@ -16,7 +16,7 @@ import tarfile
 from collections.abc import Iterable
 from typing import Any
 
-from data.format import embeds_from_bytes, sample_key
+from data.format import COND_MEMBER, cond_from_bytes, embeds_from_bytes, sample_key
 from data.locate import ShardRef, is_url
 
 
@@ -46,8 +46,15 @@ def _open(url: str):
     return wds.gopen(url, "rb")
 
 
-def read_shard(ref: ShardRef, wanted: Iterable[int], dim: int) -> dict[int, dict[str, Any]]:
-    """Read samples with the given local indices; returns ``{local: sample}`` or raises CorruptShard."""
+CondSpec = tuple[str, dict[str, list[int]]]  # (kind, per-sample tensor shapes of the shard's bucket)
+
+
+def read_shard(ref: ShardRef, wanted: Iterable[int], dim: int, cond: CondSpec | None = None
+               ) -> dict[int, dict[str, Any]]:
+    """Read samples with the given local indices; returns ``{local: sample}`` or raises CorruptShard.
+
+    ``cond``: the dataset is image-conditioned; each sample must carry exactly these tensors and shapes.
+    """
     wanted = set(int(i) for i in wanted)
     if not is_url(ref.url):
         try:
@@ -77,12 +84,14 @@ def read_shard(ref: ShardRef, wanted: Iterable[int], dim: int) -> dict[int, dict
         raise CorruptShard(f"{type(e).__name__}: {e}") from e
     if stream.sha.hexdigest() != ref.sha256:
         raise CorruptShard(f"sha256 {stream.sha.hexdigest()[:12]}... does not match the index ({ref.sha256[:12]}...)")
-    return {local: _decode(ref, local, members.get(local), dim) for local in sorted(wanted)}
+    return {local: _decode(ref, local, members.get(local), dim, cond) for local in sorted(wanted)}
 
 
-def _decode(ref: ShardRef, local: int, parts: dict[str, bytes] | None, dim: int) -> dict[str, Any]:
+def _decode(ref: ShardRef, local: int, parts: dict[str, bytes] | None, dim: int, cond: CondSpec | None
+            ) -> dict[str, Any]:
     index = ref.start + local
-    if not parts or not {"txt", "safetensors", "json"} <= set(parts):
+    needed = {"txt", "safetensors", "json"} | ({COND_MEMBER} if cond is not None else set())
+    if not parts or not needed <= set(parts):
         raise CorruptShard(f"sample {index} is missing or incomplete (members: {sorted(parts or {})})")
     try:
         embeds = embeds_from_bytes(parts["safetensors"])
@@ -93,4 +102,21 @@ def _decode(ref: ShardRef, local: int, parts: dict[str, bytes] | None, dim: int)
     if embeds.shape[1] != dim or embeds.shape[0] != meta.get("length") or meta.get("index") != index:
         raise CorruptShard(f"sample {index}: embeddings {tuple(embeds.shape)} / metadata {meta} disagree with "
                            f"the index (dim {dim})")
-    return {"index": index, "key": sample_key(index), "prompt": prompt, "text_embeds": embeds, "line": meta.get("line")}
+    sample = {"index": index, "key": sample_key(index), "prompt": prompt, "text_embeds": embeds, "line": meta.get("line")}
+    if cond is not None:
+        sample.update(_decode_cond(ref, index, parts[COND_MEMBER], meta, cond))
+    return sample
+
+
+def _decode_cond(ref: ShardRef, index: int, data: bytes, meta: dict[str, Any], cond: CondSpec) -> dict[str, Any]:
+    kind, shapes = cond
+    try:
+        tensors = cond_from_bytes(data, kind)
+    except Exception as e:
+        raise CorruptShard(f"sample {index}: conditioning: {type(e).__name__}: {e}") from e
+    got = {k: list(v.shape) for k, v in tensors.items()}
+    if got != shapes or meta.get("bucket") != ref.bucket:
+        raise CorruptShard(f"sample {index}: conditioning {got} of bucket {meta.get('bucket')} disagrees with the "
+                           f"index (bucket {ref.bucket}: {shapes})")
+    return {**tensors, "image": meta.get("image"), "bucket": meta["bucket"], "height": meta.get("height"),
+            "width": meta.get("width")}

@@ -5,7 +5,8 @@ Each DataLoader worker serves every ``num_workers``-th batch starting from the r
 A corrupt shard's samples are replaced by a *filler* (the first sample of the lowest-numbered readable
 shard, marked ``is_padding``) so every rank still yields the same number of full batches (a rank that
 yielded fewer would leave the others waiting in a collective); the shard's name and the reason travel
-to the main process in the batch's ``corrupt_shards`` list.
+to the main process in the batch's ``corrupt_shards`` list. In a grouped (image-conditioned) dataset
+the filler comes from a readable shard of the SAME group (bucket), so batch shapes stay uniform.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from data.collate import collate
 from data.locate import ShardRef
-from data.plan import EpochPlan, ResamplePlan, local_indices, worker_batches
+from data.plan import EpochPlan, GroupedEpochPlan, ResamplePlan, local_indices, worker_batches
 from data.reader import CorruptShard, read_shard
 
 
@@ -43,14 +44,20 @@ class StreamSpec:
     start: int = 0  # first batch (of this rank's stream) to serve
     stop: int | None = None  # one past the last batch; None: endless (resample mode)
     corrupt: dict[int, str] = field(default_factory=dict)  # shards the main process already knows are bad
+    groups: list[int] | None = None  # per shard: its bucket's number (image datasets); batches stay in one group
+    cond_kind: str | None = None  # i2v | ti2v: samples carry conditioning tensors
+    cond_shapes: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # bucket -> tensor -> shape
 
 
-def make_plan(spec: StreamSpec) -> EpochPlan | ResamplePlan:
+def make_plan(spec: StreamSpec) -> EpochPlan | GroupedEpochPlan | ResamplePlan:
     counts = [s.count for s in spec.shards]
+    if spec.mode == "epoch" and spec.groups is not None:
+        return GroupedEpochPlan(counts, spec.groups, seed=spec.seed, epoch=spec.epoch, dp_size=spec.dp_size,
+                                batch_size=spec.batch_size, shuffle=spec.shuffle)
     if spec.mode == "epoch":
         return EpochPlan(counts, seed=spec.seed, epoch=spec.epoch, dp_size=spec.dp_size,
                          batch_size=spec.batch_size, shuffle=spec.shuffle)
-    return ResamplePlan(counts, seed=spec.seed, batch_size=spec.batch_size)
+    return ResamplePlan(counts, seed=spec.seed, batch_size=spec.batch_size, whole_batches=spec.groups is not None)
 
 
 class PromptStream(IterableDataset):
@@ -71,7 +78,7 @@ class _Worker:
         self.spec, self.worker, self.num_workers = spec, worker, num_workers
         self.corrupt = dict(spec.corrupt)  # shard id -> reason
         self.new_corrupt: list[tuple[str, str]] = []
-        self._filler: dict[str, Any] | None = None
+        self._fillers: dict[int, dict[str, Any]] = {}  # group -> filler sample
 
     def batches(self) -> Iterator[dict[str, Any]]:
         spec, B = self.spec, self.spec.batch_size
@@ -95,7 +102,7 @@ class _Worker:
                 samples = self._read(seg.shard, locs)
                 for p, local in zip(pos[mine].tolist(), locs.tolist()):
                     if samples is None:
-                        sample = {**self._fill(), "is_padding": True}
+                        sample = {**self._fill(seg.shard), "is_padding": True}
                     else:
                         sample = {**samples[local], "is_padding": seg.padding}
                     pending.setdefault(p // B, [None] * B)[p % B] = sample
@@ -113,26 +120,32 @@ class _Worker:
         if shard in self.corrupt:
             return None
         ref = self.spec.shards[shard]
+        cond = (self.spec.cond_kind, self.spec.cond_shapes[ref.bucket]) if self.spec.cond_kind else None
         try:
-            return read_shard(ref, locs.tolist(), self.spec.dim)
+            return read_shard(ref, locs.tolist(), self.spec.dim, cond)
         except CorruptShard as e:
             self.corrupt[shard] = str(e)
             self.new_corrupt.append((ref.name, str(e)))
             return None
 
-    def _fill(self) -> dict[str, Any]:
-        """The stand-in for a sample of a corrupt shard: the same one whatever the resume point."""
-        if self._filler is None:
+    def _fill(self, shard: int) -> dict[str, Any]:
+        """The stand-in for a sample of corrupt ``shard``: the same one whatever the resume point (per group)."""
+        groups = self.spec.groups
+        group = groups[shard] if groups is not None else 0
+        if group not in self._fillers:
             for i in range(len(self.spec.shards)):
+                if groups is not None and groups[i] != group:
+                    continue
                 got = self._read(i, np.zeros(1, dtype=np.int64))
                 if got is not None:
-                    self._filler = got[0]
+                    self._fillers[group] = got[0]
                     break
             else:
                 first = next(iter(self.corrupt.items()))
-                raise RuntimeError(f"every shard of the dataset is unreadable (shard {first[0]}: {first[1]}): check "
+                what = "the dataset" if groups is None else f"bucket {self.spec.shards[shard].bucket}"
+                raise RuntimeError(f"every shard of {what} is unreadable (shard {first[0]}: {first[1]}): check "
                                    "the paths or URLs, or rebuild the dataset with tools/make_prompt_shards.py")
-        return self._filler
+        return self._fillers[group]
 
 
 def set_worker_threads(_: int) -> None:

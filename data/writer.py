@@ -5,6 +5,11 @@ renamed when complete, then described by a ``shard-NNNNNN.json`` sidecar. A re-r
 settings skips every shard whose tar and sidecar agree, so an interrupted encoding job (hours of GPU
 time for millions of prompts) loses at most one shard. ``build.json`` pins the settings: re-running
 with different ones is refused instead of silently mixing two encodings in one dataset.
+
+Image-conditioned datasets (``conditioning=``, see data/conditioning.py) are laid out by bucket: the
+scanned samples are grouped by resolution bucket and each bucket's run is cut into shards, so every
+shard holds one bucket (the loader builds single-bucket batches from that); each sample also carries
+its VAE-encoded conditioning.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import os
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import webdataset as wds
 from tqdm import tqdm
@@ -37,6 +42,9 @@ from data.format import (
 )
 from data.prompts import PromptList
 
+if TYPE_CHECKING:
+    from data.conditioning import ImageConditioning
+
 
 def write_prompt_shards(
     prompts: PromptList,
@@ -48,8 +56,12 @@ def write_prompt_shards(
     batch_size: int = 16,
     progress: bool = True,
     source: dict[str, str] | None = None,
+    conditioning: ImageConditioning | None = None,
 ) -> dict[str, Any]:
-    """Encode ``prompts`` into shards under ``out_dir`` (skipping finished ones) and return the index."""
+    """Encode ``prompts`` into shards under ``out_dir`` (skipping finished ones) and return the index.
+
+    With ``conditioning``, ``prompts`` must be ``conditioning.prompt_list()`` (the kept rows in bucket order).
+    """
     if len(prompts) == 0:
         raise ValueError(f"no prompts to write ({prompts.blank_lines} blank lines only): check the --prompts file")
     if samples_per_shard < 1 or batch_size < 1:
@@ -63,20 +75,25 @@ def write_prompt_shards(
         "samples_per_shard": samples_per_shard, "negative_prompt": negative_prompt,
         "count": len(prompts), "blank_lines": prompts.blank_lines, "prompts_sha256": prompts.sha256(),
     }
+    if conditioning is not None:
+        if len(conditioning.rows) != len(prompts):
+            raise ValueError("prompts must be conditioning.prompt_list(): one prompt per kept image row")
+        settings["conditioning"] = conditioning.settings()
     build = _check_or_write_build(out, settings, source or {})
 
     negative = _write_negative(out, encoder, negative_prompt)
-    n_shards = -(-len(prompts) // samples_per_shard)
-    shards: list[dict[str, Any]] = [_finished_shard(out, i) for i in range(n_shards)]
+    if conditioning is not None:
+        ranges = conditioning.shard_ranges(samples_per_shard)
+    else:
+        ranges = [(s, min(s + samples_per_shard, len(prompts))) for s in range(0, len(prompts), samples_per_shard)]
+    shards: list[dict[str, Any]] = [_finished_shard(out, i, *r) for i, r in enumerate(ranges)]
     done = sum(s["count"] for s in shards if s)
     bar = tqdm(total=len(prompts), initial=done, unit="prompt", desc=f"encoding into {out}",
                disable=not progress, file=sys.stderr)
     with bar:
-        for i in range(n_shards):
+        for i, (start, stop) in enumerate(ranges):
             if not shards[i]:
-                start = i * samples_per_shard
-                stop = min(start + samples_per_shard, len(prompts))
-                shards[i] = _write_shard(out, i, prompts, start, stop, encoder, batch_size, bar)
+                shards[i] = _write_shard(out, i, prompts, start, stop, encoder, batch_size, bar, conditioning)
 
     index = {
         "format": FORMAT, "version": VERSION, "count": len(prompts), "blank_lines": prompts.blank_lines,
@@ -86,6 +103,8 @@ def write_prompt_shards(
         "negative": negative, "shards": shards, "prompts_sha256": settings["prompts_sha256"],
         "source": build["source"], "created_with": build["created_with"],
     }
+    if conditioning is not None:
+        index["conditioning"] = conditioning.index_section(shards)
     dims = {s["dim"] for s in shards} | {negative["dim"]}
     if len(dims) != 1:
         raise RuntimeError(f"shards in {out} have different embedding dims {sorted(dims)}: delete the folder and rebuild")
@@ -134,17 +153,18 @@ def _write_negative(out: Path, encoder: PromptEncoder, negative_prompt: str) -> 
             "sha256": file_sha256(path)}
 
 
-def _finished_shard(out: Path, i: int) -> dict[str, Any] | None:
-    """The sidecar of shard ``i`` if the shard was completely written, else None."""
+def _finished_shard(out: Path, i: int, start: int, stop: int) -> dict[str, Any] | None:
+    """The sidecar of shard ``i`` if the shard was completely written for samples ``[start, stop)``, else None."""
     tar, side = out / shard_name(i), out / shard_name(i).replace(".tar", ".json")
     if not (tar.exists() and side.exists()):
         return None
     info = json.loads(side.read_text(encoding="utf-8"))
-    return info if info.get("bytes") == tar.stat().st_size else None
+    same = (info.get("bytes"), info.get("start"), info.get("count")) == (tar.stat().st_size, start, stop - start)
+    return info if same else None
 
 
 def _write_shard(out: Path, i: int, prompts: PromptList, start: int, stop: int, encoder: PromptEncoder,
-                 batch_size: int, bar: tqdm) -> dict[str, Any]:
+                 batch_size: int, bar: tqdm, conditioning: ImageConditioning | None = None) -> dict[str, Any]:
     name = shard_name(i)
     tmp = out / (name + ".tmp")
     longest, dims = 0, set()
@@ -153,7 +173,8 @@ def _write_shard(out: Path, i: int, prompts: PromptList, start: int, stop: int, 
             for b in range(start, stop, batch_size):
                 idx = range(b, min(b + batch_size, stop))
                 for j, emb in zip(idx, encoder.encode([prompts.prompts[j] for j in idx])):
-                    sink.write(encode_sample(j, prompts.prompts[j], prompts.lines[j], emb))
+                    cond, extra = conditioning.encode(j) if conditioning is not None else (None, None)
+                    sink.write(encode_sample(j, prompts.prompts[j], prompts.lines[j], emb, cond, extra))
                     longest, dims = max(longest, emb.shape[0]), dims | {int(emb.shape[1])}
                 bar.update(len(idx))
         f.flush()
@@ -161,5 +182,7 @@ def _write_shard(out: Path, i: int, prompts: PromptList, start: int, stop: int, 
     os.replace(tmp, out / name)
     info = {"name": name, "start": start, "count": stop - start, "bytes": (out / name).stat().st_size,
             "sha256": file_sha256(out / name), "longest": longest, "dim": dims.pop()}
+    if conditioning is not None:
+        info["bucket"] = conditioning.sample_buckets[start].name
     write_json_atomic(out / name.replace(".tar", ".json"), info)
     return info

@@ -95,9 +95,8 @@ class ConditionEncoder:
         self.latent_frames = (num_frames - 1) // self.temporal + 1
         # What the pipeline builds in __init__ (vae_scale_factor = the VAE's spatial factor).
         self.processor = VideoProcessor(vae_scale_factor=self.spatial)
-        # prepare_latents builds 1/std on the CPU in float32 before moving it: so do we (bitwise equal).
         self.mean = torch.tensor(cfg.latents_mean).view(1, self.z_dim, 1, 1, 1)
-        self.inv_std = 1.0 / torch.tensor(cfg.latents_std).view(1, self.z_dim, 1, 1, 1)
+        self.std = torch.tensor(cfg.latents_std).view(1, self.z_dim, 1, 1, 1)
 
     @property
     def device(self) -> torch.device:
@@ -132,7 +131,9 @@ class ConditionEncoder:
             video = frame
         latents = retrieve_latents(self.vae.encode(video.to(dtype=self.vae.dtype)), sample_mode="argmax")
         latents = latents.to(device=device, dtype=torch.float32)
-        latents = (latents - self.mean.to(device)) * self.inv_std.to(device)
+        # as prepare_latents: float32 mean and 1/std on the device, subtract then multiply (bitwise the same)
+        inv_std = 1.0 / self.std.to(device, torch.float32)
+        latents = (latents - self.mean.to(device, torch.float32)) * inv_std
         lat_key, mask_key = COND_KEYS[self.kind]
         shapes = self.shapes(bucket)
         mask = torch.zeros(shapes[mask_key], dtype=torch.uint8)

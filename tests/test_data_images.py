@@ -340,3 +340,22 @@ def test_bucket_choice_and_parsing():
     for bad in ("480", "480x", "x832", "0x8", "480x832,480x832", ""):
         with pytest.raises(ValueError):
             parse_buckets(bad)
+
+
+def test_resume_with_workers_gives_the_unstopped_batches(built):
+    shards, _ = built["i2v"]
+
+    def loader(workers: int) -> PromptLoader:
+        return PromptLoader(PromptDataConfig(shards=str(shards), batch_size=2, model="wan", max_length=16, seed=5,
+                                             num_workers=workers), dp_rank=0, dp_size=1)
+
+    def ids(batches) -> list[tuple[str, list[int]]]:
+        return [(b["bucket"][0], b["index"].tolist()) for b in batches]
+
+    want = ids(loader(0))
+    first = loader(0)
+    got = ids(b for _, b in zip(range(2), first))
+    again = loader(2)
+    again.load_state_dict(first.state_dict())
+    assert got + ids(again) == want and len(want) == 5  # buckets of 2, 3, 3 samples: 1 + 2 + 2 batches
+    assert want != sorted(want), "buckets are interleaved in a drawn order"

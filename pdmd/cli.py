@@ -19,6 +19,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
     ("sample", "pdmd.sample", "few-step samples from a run or an export: pdmd sample --run DIR --embeds F --out F"),
     ("toy-1d", "pdmd.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
+    ("plan", "pdmd.plan", "memory per GPU and step time of a recipe at each parallel layout: pdmd plan CONFIG --gpus N"),
 ]
 
 

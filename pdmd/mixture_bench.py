@@ -57,9 +57,37 @@ class BenchSettings:
 
     @classmethod
     def fast(cls) -> BenchSettings:
-        """CI smoke size: every stage runs, numbers are rough."""
-        return cls(prompts=4, distill_steps=16, teacher_shared_steps=150, teacher_expert_steps=50, samples=64,
-                   fake_ratio=1, teacher_steps=20)
+        """CI smoke size (~40 s on 2 cores): every stage runs; the students' numbers are rough, the
+        teacher still covers its modes."""
+        return cls(prompts=2, teacher_shared_steps=250, teacher_expert_steps=80, teacher_batch=64, distill_steps=16,
+                   fake_ratio=1, samples=64)
+
+    def check(self) -> None:
+        """Settings that cannot work fail here, before anything is built."""
+        from data.prompts import demo_prompts_path, read_prompts
+
+        available = len(read_prompts(demo_prompts_path()))
+        if not 1 <= self.prompts <= available:
+            raise ValueError(f"prompts={self.prompts}: choose 1..{available} (the shipped demo prompts)")
+        if self.modes < 2:
+            raise ValueError(f"modes={self.modes}: a mixture needs at least 2 modes")
+        c, f, h, w = self.latent_shape
+        if min(self.latent_shape) < 1 or h % 2 or w % 2:
+            raise ValueError(f"latent_shape={list(self.latent_shape)}: positive, with even H and W (patch 1x2x2)")
+        if not 1 <= self.phases <= self.num_steps:
+            raise ValueError(f"phases={self.phases} must lie in 1..steps ({self.num_steps})")
+        if self.distill_steps < self.phases or self.samples < 2 or self.teacher_steps < 1 or not self.seeds:
+            raise ValueError("distill_steps >= phases, samples >= 2, teacher_steps >= 1 and at least one seed, please")
+        for name, overrides in methods(self).items():
+            plan = {"num_steps": self.num_steps, "shift": self.shift}
+            for o in overrides:
+                key, value = o.split("=", 1)
+                if key.startswith("plan."):
+                    plan[key[5:]] = json.loads(value)
+            try:
+                PhasePlan.from_config(plan)
+            except ValueError as exc:
+                raise ValueError(f"{name}: steps={self.num_steps}, phases={self.phases}: {exc}") from exc
 
     def teacher_key(self) -> str:
         """What the cached teacher depends on."""
@@ -70,11 +98,15 @@ class BenchSettings:
 
 
 def methods(s: BenchSettings) -> dict[str, list[str]]:
-    """Trainer overrides per method; both run ``s.distill_steps`` generator updates in all."""
-    clamp = "[[" + f"{BOUNDARY},1.0]" + ",null" * (s.phases - 1) + "]"
+    """Trainer overrides per method; both run ``s.distill_steps`` generator updates in all. Phase 1 of
+    Phased DMD re-noises inside the high-noise expert's range when it ends below the boundary (as the
+    paper's Wan2.2 recipe does)."""
+    phased = [f"plan.num_phases={s.phases}", f"train.steps={max(1, s.distill_steps // s.phases)}"]
+    plan = PhasePlan.from_config({"num_steps": s.num_steps, "shift": s.shift, "num_phases": s.phases})
+    if s.phases > 1 and plan.phase_end(1) < BOUNDARY:
+        phased.append("plan.renoise_clamp=[[" + f"{BOUNDARY},1.0]" + ",null" * (s.phases - 1) + "]")
     return {
-        "phased_dmd": [f"plan.num_phases={s.phases}", f"plan.renoise_clamp={clamp}",
-                       f"train.steps={max(1, s.distill_steps // s.phases)}"],
+        "phased_dmd": phased,
         "dmd2_sgts": ["plan.num_phases=1", f"train.steps={s.distill_steps}"],
     }
 
@@ -127,14 +159,20 @@ def prepare_prompts(out: Path, s: BenchSettings) -> tuple[list[str], torch.Tenso
 def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: BenchSettings,
                     report: Callable[[str, int, float], None]) -> tuple[Path, dict[str, list[float]]]:
     """Train (or reuse) the two-expert teacher on the mixture; returns its folder and loss curves."""
+    import shutil
+
     from data.tiny_encoders import UMT5_DIM
     from megatron_adapters.flow_teacher import FlowTeacherConfig, train_flow_teacher
     from pdmd.tiny_models import write_tiny_wan22_teacher
 
-    folder = out / f"teacher_{s.teacher_key()}"
+    folder = out / "teacher"
     done = folder / "flow_matching.json"
     if done.is_file():
-        return folder, json.loads(done.read_text())["curves"]
+        cached = json.loads(done.read_text())
+        if cached.get("key") == s.teacher_key():
+            return folder, cached["curves"]
+    if folder.exists():  # trained for other settings (or interrupted): train afresh
+        shutil.rmtree(folder)
     write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=BOUNDARY, text_dim=UMT5_DIM, **s.wan)
 
     def data(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,7 +182,8 @@ def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: Bench
     cfg = FlowTeacherConfig(shared_steps=s.teacher_shared_steps, expert_steps=s.teacher_expert_steps,
                             batch_size=s.teacher_batch, seed=s.task_seed)
     curves = train_flow_teacher(folder, data, cfg, boundary=BOUNDARY, report=report)
-    done.write_text(json.dumps({"curves": curves, "settings": dataclasses.asdict(s)}, default=list))
+    done.write_text(json.dumps({"key": s.teacher_key(), "curves": curves, "settings": dataclasses.asdict(s)},
+                               default=list))
     return folder, curves
 
 
@@ -210,6 +249,7 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     from pdmd.sample import ExportedExperts
 
     torch.set_num_threads(1)
+    s.check()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -317,3 +357,11 @@ def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
           results_table(result), "", task.describe(), "",
           f"Wall time: {result['wall_seconds']:.0f} s. Plots: " + ", ".join(p.name for p in plots) + "."]
     (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def report(result: dict[str, Any], out: Path) -> None:
+    """What the console shows at the end."""
+    print("\n" + results_table(result))
+    print(f"\n{out / 'results.md'}, {out / 'results.json'}, plots {out / 'loss_curves.png'} and "
+          f"{out / 'samples_prompt0.png'}; exported pipelines under {out / 'exports'} "
+          f"({result['wall_seconds']:.0f} s)")

@@ -108,6 +108,7 @@ class ParamTensor:
     numel: int
     split: str  # SPLITS
     place: str  # PLACES
+    fp32: bool = False  # kept in fp32 whatever the model dtype (our norms create their weights in fp32)
 
 
 def _linear(name: str, fan_in: int, fan_out: int, split: str, place: str = "block") -> list[ParamTensor]:
@@ -127,10 +128,10 @@ def param_tensors(arch: Arch) -> list[ParamTensor]:
             out += _linear(f"{stream}_mod", d, 6 * d, "col")  # Column-parallel, output gathered
             out += _linear(qkv, d, 3 * d, "col") + _linear(proj, d, d, "row")
             out += _linear(f"{stream}_mlp.linear_fc1", d, f, "col") + _linear(f"{stream}_mlp.linear_fc2", f, d, "row")
-        out += [ParamTensor(f"attention.{n}.weight", arch.head_dim, "rep", "block")
+        out += [ParamTensor(f"attention.{n}.weight", arch.head_dim, "rep", "block", True)
                 for n in ("q_layernorm", "k_layernorm", "added_q_layernorm", "added_k_layernorm")]
         out += _linear("img_in", arch.in_channels, d, "rep", "pre")
-        out += [ParamTensor("txt_norm.weight", arch.text_dim, "rep", "pre")]
+        out += [ParamTensor("txt_norm.weight", arch.text_dim, "rep", "pre", True)]
         out += _linear("txt_in", arch.text_dim, d, "rep", "pre")
         out += _linear("time_text_embed.linear_1", 256, d, "rep", "cond")
         out += _linear("time_text_embed.linear_2", d, d, "rep", "cond")
@@ -138,15 +139,15 @@ def param_tensors(arch: Arch) -> list[ParamTensor]:
         out += _linear("proj_out", d, arch.patch_volume * arch.out_channels, "rep", "post")
         return out
     out = _linear("self_attention.linear_qkv", d, 3 * d, "col") + _linear("self_attention.linear_proj", d, d, "row")
-    out += [ParamTensor(f"self_attention.{n}.weight", d, "col", "block") for n in ("q_norm", "k_norm")]
+    out += [ParamTensor(f"self_attention.{n}.weight", d, "col", "block", True) for n in ("q_norm", "k_norm")]
     out += _linear("cross_attention.linear_q", d, d, "col") + _linear("cross_attention.linear_kv", d, 2 * d, "col")
     out += _linear("cross_attention.linear_proj", d, d, "row")
-    out += [ParamTensor(f"cross_attention.{n}.weight", d, "col", "block") for n in ("q_norm", "k_norm")]
+    out += [ParamTensor(f"cross_attention.{n}.weight", d, "col", "block", True) for n in ("q_norm", "k_norm")]
     if arch.image_dim:
         out += _linear("cross_attention.linear_added_kv", d, 2 * d, "col")
-        out += [ParamTensor("cross_attention.added_k_norm.weight", d, "col", "block")]
+        out += [ParamTensor("cross_attention.added_k_norm.weight", d, "col", "block", True)]
     if arch.cross_attn_norm:
-        out += [ParamTensor("norm2.weight", d, "rep", "block"), ParamTensor("norm2.bias", d, "rep", "block")]
+        out += [ParamTensor("norm2.weight", d, "rep", "block", True), ParamTensor("norm2.bias", d, "rep", "block", True)]
     out += _linear("mlp.linear_fc1", d, f, "col") + _linear("mlp.linear_fc2", f, d, "row")
     out += [ParamTensor("scale_shift_table", 6 * d, "rep", "block")]
     out += _linear("patch_embedding", arch.in_channels * arch.patch_volume, d, "rep", "pre")
@@ -194,12 +195,16 @@ def param_count(arch: Arch) -> int:
     return sum(t.numel * (arch.layers if t.place == "block" else 1) for t in param_tensors(arch))
 
 
-def rank_tensors(tensors: list[ParamTensor], arch: Arch, tp: int, pp: int, stage: int) -> list[int]:
-    """Element counts of the tensors one rank (TP shard, pipeline stage) holds, one entry per tensor."""
+def rank_tensors(tensors: list[ParamTensor], arch: Arch, tp: int, pp: int, stage: int,
+                 fp32: bool | None = None) -> list[int]:
+    """Element counts of the tensors one rank (TP shard, pipeline stage) holds, one entry per tensor
+    (only the fp32-kept ones, or only the others, when ``fp32`` is given)."""
     per_stage = arch.layers // pp
     out = []
     for t in tensors:
         if t.place == "pre" and stage != 0 or t.place == "post" and stage != pp - 1:
+            continue
+        if fp32 is not None and t.fp32 != fp32:
             continue
         numel = t.numel // tp if t.split != "rep" else t.numel
         out += [numel] * (per_stage if t.place == "block" else 1)

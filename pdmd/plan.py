@@ -223,20 +223,28 @@ def phase_roles(w: Workload, k: int) -> dict[str, Any]:
 
 # -- memory -------------------------------------------------------------------------------------------
 def _role_bytes(w: Workload, lay: Layout, stage: int, kind: str) -> dict[str, float]:
-    """Weights/grads/optimizer bytes of one role on one rank: ``frozen`` (bf16/fp32 weights only),
-    ``full`` (DDP-bucketed weights and grads + distributed-optimizer states over dp x cp), ``lora``
-    (the adapters only; the backbone is the teacher's)."""
+    """Weights/grads/optimizer bytes of one role on one rank: ``frozen`` (weights only), ``full``
+    (DDP-bucketed weights and grads + distributed-optimizer states over dp x cp), ``lora`` (the adapters
+    only; the backbone is the teacher's). Norm weights stay fp32 in a bf16 model: Megatron's DDP keeps
+    them in a buffer of their own, with fp32 gradients and no master copy."""
     b = w.dtype_bytes
-    if kind == "frozen":
-        return {"weights": sum(rank_tensors(param_tensors(w.arch), w.arch, lay.tp, lay.pp, stage)) * b,
-                "grads": 0.0, "optimizer": 0.0}
-    tensors = param_tensors(w.arch) if kind == "full" else lora_tensors(w.arch, *w.lora)
-    numels = rank_tensors(tensors, w.arch, lay.tp, lay.pp, stage)
+    tensors = lora_tensors(w.arch, *w.lora) if kind == "lora" else param_tensors(w.arch)
+    out = {"weights": 0.0, "grads": 0.0, "optimizer": 0.0}
     shards = lay.dp * lay.cp
-    buffer = ddp_buffer_numel(numels, shards)
-    # Adam's two moments in fp32, plus an fp32 master copy when the weights are bf16 (sharded over dp x cp).
-    per_param = 8 + (4 if b == 2 else 0)
-    return {"weights": buffer * b, "grads": buffer * b, "optimizer": sum(numels) / shards * per_param}
+    for fp32 in (False, True):
+        numels = rank_tensors(tensors, w.arch, lay.tp, lay.pp, stage, fp32=fp32)
+        if not numels:
+            continue
+        size = 4 if fp32 else b
+        if kind == "frozen":
+            out["weights"] += sum(numels) * size
+            continue
+        buffer = ddp_buffer_numel(numels, shards)
+        out["weights"] += buffer * size
+        out["grads"] += buffer * size
+        # Adam's two moments in fp32, plus an fp32 master copy of 16-bit weights (sharded over dp x cp).
+        out["optimizer"] += sum(numels) / shards * (8 + (4 if size == 2 else 0))
+    return out
 
 
 def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -> dict[str, float]:

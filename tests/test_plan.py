@@ -1,0 +1,414 @@
+"""`pdmd plan`: the architecture arithmetic against diffusers and torch's FLOP counter, the planner's
+arithmetic against hand-computed numbers, its memory model against what tiny CPU runs of the real
+trainer backend hold (weights, gradient buffers, optimizer states, saved activations and the
+allocator's peak, at TP=1, TP=2 with SP and CP=2), and the command line."""
+
+from __future__ import annotations
+
+import gc
+import json
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from pdmd import capacity as cap
+from pdmd import plan as pl
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
+TOL = 0.20  # the issue's bar for the memory model
+
+
+# -- architecture arithmetic ---------------------------------------------------------------------------
+def _diffusers_count(kind: str, cfg: dict) -> int:
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
+
+    cls = QwenImageTransformer2DModel if kind == "qwen-image" else WanTransformer3DModel
+    with torch.device("meta"):
+        model = cls(**cfg)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _diffusers_config(arch: cap.Arch) -> dict:
+    if arch.kind == "qwen-image":
+        return dict(num_layers=arch.layers, num_attention_heads=arch.heads, attention_head_dim=arch.head_dim,
+                    joint_attention_dim=arch.text_dim, in_channels=arch.in_channels, out_channels=arch.out_channels,
+                    patch_size=arch.patch[1])
+    return dict(num_layers=arch.layers, num_attention_heads=arch.heads, attention_head_dim=arch.head_dim,
+                ffn_dim=arch.ffn, in_channels=arch.in_channels, out_channels=arch.out_channels, text_dim=arch.text_dim,
+                patch_size=arch.patch)
+
+
+@pytest.mark.parametrize("name", sorted(cap.PRESETS))
+def test_preset_parameter_counts_equal_diffusers(name):
+    arch = cap.PRESETS[name]
+    assert cap.param_count(arch) == _diffusers_count(arch.kind, _diffusers_config(arch))
+
+
+def test_presets_match_the_published_sizes():
+    """DIFFUSERS_FACTS.md: T2V-A14B expert 14.29B, Qwen-Image 20.4B; TI2V-5B is the 5B one."""
+    assert round(cap.param_count(cap.PRESETS["wan2.2-t2v-a14b"]) / 1e9, 2) == 14.29
+    assert round(cap.param_count(cap.PRESETS["qwen-image"]) / 1e9, 1) == 20.4
+    assert round(cap.param_count(cap.PRESETS["wan2.2-ti2v-5b"]) / 1e9, 1) == 5.0
+
+
+def test_config_json_is_read_and_counted_exactly(tmp_path):
+    """A Wan2.1-style I2V config (image embedder, added K/V) and a tiny Qwen-Image, via config.json."""
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
+
+    from tests.tiny_qwen import CONFIG as QWEN
+    from tests.tiny_wan import VARIANTS
+
+    WanTransformer3DModel(**VARIANTS["i2v"]).save_config(tmp_path / "wan")
+    QwenImageTransformer2DModel(**QWEN).save_config(tmp_path / "qwen")
+    wan, qwen = cap.arch_from_diffusers(tmp_path / "wan"), cap.arch_from_diffusers(tmp_path / "qwen")
+    assert (wan.kind, wan.image_dim, wan.in_channels) == ("wan", 20, 12)
+    assert cap.param_count(wan) == _diffusers_count("wan", VARIANTS["i2v"])
+    assert qwen.kind == "qwen-image" and cap.param_count(qwen) == _diffusers_count("qwen-image", QWEN)
+
+
+def test_forward_flops_equal_torch_flop_counter():
+    """Matmul + attention FLOPs of a forward (attention through the math backend, whose bmm's the
+    counter sees) equal forward_flops; the split into linear and attention parts too."""
+    from diffusers import QwenImageTransformer2DModel, WanTransformer3DModel
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from pdmd.tiny_models import TINY_WAN
+    from tests.tiny_qwen import CONFIG as QWEN
+
+    torch.set_num_threads(1)
+    wan = WanTransformer3DModel(**TINY_WAN).eval()
+    qwen = QwenImageTransformer2DModel(**QWEN).eval()
+    cases = [
+        (cap.Arch("w", "wan", 2, 2, 16, 48, 4, 4, (1, 2, 2), 24, freq_dim=32), 24, 7,
+         lambda: wan(torch.randn(1, 4, 3, 4, 8), torch.tensor([500.0]), torch.randn(1, 7, 24))),
+        (cap.Arch("q", "qwen-image", 2, 2, 16, 128, 16, 4, (1, 2, 2), 24), 12, 7,
+         lambda: qwen(hidden_states=torch.randn(1, 12, 16), encoder_hidden_states=torch.randn(1, 7, 24),
+                      encoder_hidden_states_mask=torch.ones(1, 7, dtype=torch.long), timestep=torch.tensor([0.5]),
+                      img_shapes=[[(1, 3, 4)]])),
+    ]
+    for arch, tokens, text, call in cases:
+        with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            call()
+        counts = {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+        predicted = cap.forward_flops(arch, tokens, text, qwen_last_text=True)  # diffusers computes the dead text
+        assert counter.get_total_flops() == predicted.total, (arch.kind, counts)
+        assert counts.get("aten.bmm", 0) == predicted.attention, (arch.kind, counts)
+
+
+def test_megatron_qwen_skips_the_last_blocks_text_work():
+    arch = cap.PRESETS["qwen-image"]
+    ours, theirs = cap.forward_flops(arch, 6889, 300), cap.forward_flops(arch, 6889, 300, qwen_last_text=True)
+    d, f = arch.hidden, arch.ffn
+    assert theirs.linear - ours.linear == 2 * 300 * (d * d + 2 * d * f)
+    assert theirs.attention - ours.attention == 4 * 300 * (6889 + 300) * d
+
+
+# -- the planner's arithmetic, by hand ------------------------------------------------------------------
+def _a14b_by_hand() -> tuple[int, int, int]:
+    """Per-block TP-split and replicated parameters and the non-block ones of the A14B expert."""
+    d, f = 5120, 13824
+    split = 3 * d * d + 3 * d + d * d + 2 * d + d * d + d + 2 * d * d + 2 * d + d * d + 2 * d + f * d + f + f * d
+    rep = d + d + 2 * d + d + 6 * d  # two Row biases, norm2 (weight, bias), fc2 bias, scale_shift_table
+    nonblock = (16 * 4 * d + d) + (256 * d + d) + (d * d + d) + (d * 6 * d + 6 * d) + (4096 * d + d) + (d * d + d) \
+        + (d * 64 + 64) + 2 * d
+    return split, rep, nonblock
+
+
+def test_parameter_sharding_by_hand():
+    arch = cap.PRESETS["wan2.2-t2v-a14b"]
+    split, rep, nonblock = _a14b_by_hand()
+    assert cap.param_count(arch) == 40 * (split + rep) + nonblock == 14_288_491_584
+    for tp, pp in ((1, 1), (2, 1), (8, 1), (2, 4)):
+        first = sum(cap.rank_tensors(cap.param_tensors(arch), arch, tp, pp, 0))
+        assert first == 40 // pp * (split // tp + rep) + nonblock - (0 if pp == 1 else (64 * 5120 + 64 + 2 * 5120))
+
+
+def test_role_bytes_by_hand():
+    """bf16 weights; a trained role adds bf16 grads and fp32 master + two Adam moments over dp x cp."""
+    w = pl.load_workload("wan2.2-t2v-a14b")
+    split, rep, nonblock = _a14b_by_hand()
+    lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
+    per_rank = 40 * (split // 2 + rep) + nonblock
+    norms = 40 * (4 * 5120 // 2 + 2 * 5120)  # q/k norms (split over TP) and norm2 (replicated) stay fp32
+    frozen = pl._role_bytes(w, lay, 0, "frozen")
+    assert frozen == {"weights": 2 * per_rank + 2 * norms, "grads": 0.0, "optimizer": 0.0}
+    full = pl._role_bytes(w, lay, 0, "full")
+    assert frozen["weights"] <= full["weights"] == full["grads"] <= frozen["weights"] * 1.001  # 64-element alignment
+    assert full["optimizer"] == pytest.approx((12 * (per_rank - norms) + 8 * norms) / 32)
+    lora = pl._role_bytes(w, lay, 0, "lora")
+    d, f, r = 5120, 13824, 64
+    # qkv, q, kv, fc1 (Column: A whole, B split), proj x2, fc2 (Row: A split, B whole)
+    adapters = 40 * (r * d * 4 + (3 * d + d + 2 * d + f) * r // 2 + (r * d // 2) * 2 + r * f // 2 + 3 * d * r)
+    assert lora["optimizer"] == pytest.approx(12 * adapters / 32)
+
+
+def test_step_flops_and_time_by_hand():
+    """Phase 2 of the A14B preset (2 steps per phase, SGTS): rollout = 2 + 1.5 passes, CFG teacher x2,
+    fake 1, LoRA student fwd + dgrad-only backward; 5 fake steps of rollout + full fwd/bwd."""
+    w = pl.load_workload("wan2.2-t2v-a14b")
+    tokens = 32760
+    f = cap.forward_flops(w.arch, tokens, 512)
+    lf = cap.lora_flops(w.arch, tokens, 512, *w.lora)
+    fwd = f.total
+    student = fwd + lf + f.linear + 2.5 * f.attention + 2 * lf
+    full = fwd + 2 * f.linear + 2.5 * f.attention
+    expected = 3.5 * fwd + 2 * fwd + fwd + student + 5 * (3.5 * fwd + full)
+    assert pl.step_flops(w, 2, tokens)["total"] == pytest.approx(expected)
+    assert pl.step_flops(w, 1, tokens)["generator_rollout"] == pytest.approx(1.5 * fwd)
+    recompute = pl.step_flops(w, 2, tokens, "full")["total"]
+    assert recompute - expected == pytest.approx(6 * fwd + lf)  # one more forward per training pass
+    w.mix = [([16, 21, 60, 104], 1.0)]
+    lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
+    t = pl.step_time(w, lay, 2, "h100", 0.5)
+    # 64 samples over 64 GPUs, 8 per replica of 8 GPUs: seconds = 64 x flops / (64 x peak x MFU)
+    assert t["seconds"] == pytest.approx(expected / (989.4e12 * 0.5))
+    lay_pp = pl.Layout(tp=2, pp=2, cp=2, dp=8, sp=True, recompute="none")  # 8 micro-batches: bubble 9/8
+    assert pl.step_time(w, lay_pp, 2, "h100", 0.5)["seconds"] == pytest.approx(t["seconds"] * 9 / 8)
+
+
+def test_phase_roles_follow_the_backend():
+    """A14B with phase 1 clamped to the high-noise expert: phase 1 holds teacher 0 + its fake; phase 2
+    both teachers, both fakes and phase 1's expert. A full student needs no teacher of its own."""
+    w = pl.load_workload("wan2.2-t2v-a14b")
+    assert pl.phase_roles(w, 1) == {"phase": 1, "student_expert": 0, "teachers": [0], "fakes": [0], "earlier": []}
+    assert pl.phase_roles(w, 2) == {"phase": 2, "student_expert": 1, "teachers": [0, 1], "fakes": [0, 1],
+                                    "earlier": [1]}
+    full = pl.load_workload("wan2.2-t2v-a14b", ["student.lora=null", "plan.renoise_clamp=null"])
+    assert pl.phase_roles(full, 1)["teachers"] == [0, 1] and pl.phase_roles(full, 1)["fakes"] == [0, 1]
+    qwen = pl.load_workload("qwen-image")
+    assert pl.phase_roles(qwen, 2) == {"phase": 2, "student_expert": 0, "teachers": [0], "fakes": [0], "earlier": [1]}
+
+
+def test_activation_terms_scale_with_the_layout():
+    """Head-split terms shrink with TP, token terms with CP (self-attention K/V are gathered), the
+    whole-width ones only under SP; a LoRA student keeps less than a trained fake."""
+    arch = cap.PRESETS["wan2.2-t2v-a14b"]
+    kw = dict(tokens=32760, text=512, batch=1, act_bytes=2)
+    base = cap.layer_activation_bytes(arch, lora_rank=None, **kw)
+    tp2 = cap.layer_activation_bytes(arch, lora_rank=None, shard=cap.Sharding(tp=2), **kw)
+    tp2sp = cap.layer_activation_bytes(arch, lora_rank=None, shard=cap.Sharding(tp=2, sp=True), **kw)
+    cp2 = cap.layer_activation_bytes(arch, lora_rank=None, shard=cap.Sharding(cp=2), **kw)
+    assert base / 2 < tp2sp < tp2 < base
+    assert base / 2 < cp2 < base
+    assert cap.layer_activation_bytes(arch, lora_rank=64, **kw) < 0.8 * base
+
+
+# -- the memory model against tiny runs of the real backend -------------------------------------------
+class _Saved:
+    """Bytes of the storages autograd keeps for backward (parameters excluded), live at call time."""
+
+    def __init__(self, exclude: set[int]) -> None:
+        self.exclude, self.refs = exclude, {}
+
+    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        if st.data_ptr() not in self.exclude:
+            self.refs.setdefault(st.data_ptr(), [st.nbytes(), []])[1].append(weakref.ref(t))
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def live(self) -> int:
+        gc.collect()
+        return sum(n for n, refs in self.refs.values() if any(r() is not None for r in refs))
+
+
+def _allocator_peak(fn) -> int:
+    """Peak bytes the CPU allocator held above its level at the start while ``fn`` ran (torch.profiler's
+    allocation events, in order)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def _storages(params) -> dict[int, int]:
+    return {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in params}
+
+
+def _measure_roles(backend) -> dict[str, dict[str, float]]:
+    """Weights / gradient buffers / optimizer states each resident role holds on this rank."""
+    out: dict[str, dict[str, float]] = {}
+    lora_params = {id(p) for tr in backend.trainables.values() for n, p in tr.model.named_parameters() if "lora_" in n}
+    for e, model in backend.teachers.items():
+        frozen = [p for p in model.parameters() if id(p) not in lora_params]
+        out[f"teacher{e}"] = {"weights": sum(_storages(frozen).values()), "grads": 0, "optimizer": 0}
+    model_storages = set()
+    for m in [*backend.teachers.values(), *(tr.model for tr in backend.trainables.values())]:
+        model_storages |= set(_storages(m.parameters()))
+    for name, tr in backend.trainables.items():
+        trained = [p for p in tr.model.parameters() if p.requires_grad]
+        grads = sum(b.grad_data.numel() * b.grad_data.element_size() for b in tr.ddp.buffers)
+        opt = 0
+        for inner in (o.optimizer for o in getattr(tr.optimizer, "chained_optimizers", [tr.optimizer])):
+            for group in inner.param_groups:
+                for p in group["params"]:
+                    if p.untyped_storage().data_ptr() not in model_storages:  # an fp32 master copy
+                        opt += p.numel() * p.element_size()
+                    opt += sum(v.numel() * v.element_size() for k, v in inner.state[p].items()
+                               if torch.is_tensor(v) and k != "step")
+        out["student" if name == "student" else name] = {"weights": sum(_storages(trained).values()), "grads": grads,
+                                                          "optimizer": opt}
+    for j, model in backend.experts.items():
+        out[f"expert:{j}"] = {"weights": sum(_storages(model.parameters()).values()), "grads": 0, "optimizer": 0}
+    return out
+
+
+def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir: str, phases: tuple[int, ...]):
+    """Build each phase's roles with the real backend, step every trainable role twice, and measure."""
+    from megatron_adapters.backend import MegatronWanBackend
+    from pdmd.config import load_config
+
+    cfg = load_config(RECIPE, [f"model.teacher.path={teacher}", "data.shards=unused", *overrides])
+    backend = MegatronWanBackend(cfg)
+    plan = cfg.phase_plan()
+    g = torch.Generator().manual_seed(0)
+    b = cfg.train.micro_batch_size
+    x = torch.randn(b, *cfg.train.latent_shape, generator=g)
+    text = torch.randn(b, cfg.data["max_length"], backend.wan[0].text_dim, generator=g)
+    results = {}
+    for k in phases:
+        earlier = {1: (0, f"{out_dir}/expert1")} if k == 2 else {}
+        student_expert = 0 if k == 1 else 1
+        backend.setup_phase(k, student_expert, earlier, plan.renoise_interval(k))
+        t = torch.full((b,), 0.9 if k == 1 else 0.5)
+        acts, peaks = {}, {}
+        params = set()
+        for m in [*backend.teachers.values(), *backend.experts.values(), *(tr.model for tr in backend.trainables.values())]:
+            params |= set(_storages(m.parameters()))
+        for role in backend.trainables:
+            saved = _Saved(params)
+            got: list[int] = []
+
+            def loss(v, idx, saved=saved, got=got):
+                got.append(saved.live())
+                return (v.float() ** 2).mean()
+
+            with saved.hooks():
+                backend.train_step(role, x, t, text, loss)
+            acts[role] = got[0]
+            peaks[role] = _allocator_peak(lambda role=role, t=t, loss=loss: backend.train_step(role, x, t, text, loss))
+        results[k] = {"roles": _measure_roles(backend), "activations": acts, "peaks": peaks}
+        if k == 1 and 2 in phases:
+            backend.save_expert(f"{out_dir}/expert1")
+    return results
+
+
+def _predicted(teacher: str, overrides: list[str], layout: pl.Layout, k: int) -> dict:
+    w = pl.load_workload(str(RECIPE), [f"model.teacher.path={teacher}", *overrides])
+    assert w.arch_source.startswith("read from")
+    return pl.phase_memory(w, layout, k), w
+
+
+def _compare(measured: dict, predicted: dict, w: pl.Workload, layout: pl.Layout) -> list[tuple]:
+    """(what, measured, predicted) for every role's weights/grads/optimizer, each training pass's saved
+    activations and allocator peak, and the phase's total of resident bytes."""
+    rows = []
+    names = {r["role"].split(" ")[0]: r for r in predicted["roles"]}
+    for role, got in measured["roles"].items():
+        pred = names[role]
+        for key in ("weights", "grads", "optimizer"):
+            if got[key] or pred[key]:
+                rows.append((f"{role} {key}", got[key], pred[key]))
+    tokens = w.max_tokens
+    for role, got in measured["activations"].items():
+        full = role != "student" or w.lora is None
+        act = pl._activation(w, layout, 0, full, tokens)
+        rows.append((f"{role} saved activations", got, act["saved"]))
+        rows.append((f"{role} step peak", measured["peaks"][role], act["saved"] + act["train_transient"]))
+    static = sum(v for r in measured["roles"].values() for v in r.values())
+    rows.append(("phase resident bytes", static, predicted["static"]))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(tmp_path_factory):
+    from pdmd.tiny_models import write_tiny_wan22_teacher
+
+    return str(write_tiny_wan22_teacher(tmp_path_factory.mktemp("plan") / "teacher"))
+
+
+CASES = {
+    # name: (ranks, overrides, layout, phases)
+    "tp1 fp32 lora": (1, [], pl.Layout(1, 1, 1, 1, False, "none"), (1, 2)),
+    "tp2 sp bf16 full": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.dtype=bf16", "student.lora=null"],
+                         pl.Layout(2, 1, 1, 1, True, "none"), (1,)),
+    "cp2 bf16 lora": (2, ["parallel.cp=2", "model.dtype=bf16"], pl.Layout(1, 1, 2, 1, False, "none"), (1,)),
+}
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("case", list(CASES))
+def test_memory_model_matches_tiny_backend_runs(case, tiny_teacher, tmp_path):
+    """Every role's resident bytes, each training pass's saved activations and the allocator's peak
+    during a training step, measured on rank 0 of the real backend, within 20% of the plan."""
+    from tests.multirank import run_ranks
+
+    ranks, overrides, layout, phases = CASES[case]
+    measured = run_ranks(_measure, ranks, tiny_teacher, overrides, str(tmp_path), phases, timeout=300)[0]
+    failures, report = [], []
+    for k in phases:
+        predicted, w = _predicted(tiny_teacher, overrides, layout, k)
+        for what, got, pred in _compare(measured[k], predicted, w, layout):
+            ratio = pred / got if got else float("inf")
+            report.append(f"phase {k} {what}: measured {got:,.0f} B, plan {pred:,.0f} B ({ratio:.3f}x)")
+            if abs(ratio - 1) > TOL:
+                failures.append(report[-1])
+    print(f"\n{case}:\n  " + "\n  ".join(report))
+    assert not failures, "\n".join(failures)
+
+
+# -- the command line ---------------------------------------------------------------------------------
+def _pdmd(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pdmd.cli", "plan", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+
+
+def test_cli_lists_layouts_and_writes_json(tmp_path):
+    out = tmp_path / "plan.json"
+    proc = _pdmd("wan2.2-ti2v-5b", "--gpus", "8", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "recommended: tp=" in proc.stdout and "| phase | role |" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["model"]["params"] == cap.param_count(cap.PRESETS["wan2.2-ti2v-5b"])
+    best = result["recommended"]
+    assert best["fits"] and best["peak_bytes"] <= best["budget_bytes"]
+    lays = [e["layout"] for e in result["layouts"]]
+    assert all(lay["tp"] * lay["pp"] * lay["cp"] * lay["dp"] == 8 for lay in lays)
+    assert {lay["tp"] for lay in lays} == {1, 2, 4, 8}  # 24 heads: every TP within a node that divides 8
+    fits = [e["fits"] for e in result["layouts"]]
+    assert fits == sorted(fits, reverse=True)  # fitting layouts first
+
+
+def test_cli_fixed_layout_and_errors():
+    proc = _pdmd("wan2.2-t2v-a14b", "--gpus", "64", "--tp", "8", "--cp", "1", "--pp", "1", "--recompute", "full")
+    assert proc.returncode == 0, proc.stderr
+    assert "recommended: tp=8 pp=1 cp=1 dp=8" in proc.stdout
+    bad = _pdmd("wan2.2-t2v-a14b", "--gpus", "64", "--tp", "3")
+    assert bad.returncode == 2 and "tp=3" in bad.stderr
+    nothing = _pdmd("wan2.2-t2v-a14b", "--gpus", "1")  # 14B x 5 roles in phase 2 on one GPU
+    assert nothing.returncode == 1 and "nothing fits" in nothing.stdout
+    missing = _pdmd("no-such-recipe.yaml", "--gpus", "8")
+    assert missing.returncode == 2 and "neither a recipe file nor a preset" in missing.stderr
+
+
+def test_recipe_without_teacher_falls_back_to_a_preset():
+    w = pl.load_workload(str(ROOT / "configs" / "wan22_t2v_a14b.yaml"))
+    assert w.arch == cap.PRESETS["wan2.2-t2v-a14b"] and "preset" in w.arch_source
+    assert (w.micro_batch, w.mix, w.text_len) == (8, [([16, 21, 60, 104], 1.0)], 512)
+    mixed = pl.load_workload(str(ROOT / "configs" / "wan22_t2v_a14b.yaml"), mix="16x21x90x160:1,16x21x60x104:3")
+    assert mixed.mix == [([16, 21, 90, 160], 0.25), ([16, 21, 60, 104], 0.75)] and mixed.max_tokens == 75600

@@ -32,6 +32,7 @@ from megatron_adapters.wan.config import WanConfig, transformer_config
 from megatron_adapters.wan.convert import load_from_diffusers
 from megatron_adapters.wan.model import build_wan_model
 from megatron_adapters.wan.specs import layer_spec
+from pdmd.conditioning import Conditioning
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -134,6 +135,7 @@ class MegatronWanBackend:
         if f % pt or h % ph or w % pw:
             raise ValueError(f"train.latent_shape={cfg.train.latent_shape} does not divide into patches {self.wan[0].patch_size}")
         self.tokens = (f // pt) * (h // ph) * (w // pw)
+        self._check_conditioning(cfg.data.get("conditioning"))
         world = dist.get_world_size() if dist.is_initialized() else None
         if world is not None:  # the layout must fit the model before anything is built
             validate_layout(layout, world, num_heads=self.wan[0].num_attention_heads,
@@ -149,6 +151,18 @@ class MegatronWanBackend:
         self.experts: dict[int, torch.nn.Module] = {}
         self.trainables: dict[str, Trainable] = {}
         self.student_expert = 0
+
+    def _check_conditioning(self, kind: str | None) -> None:
+        """The teacher's input channels say whether it reads an image (I2V: noise + 4 mask + image latents)."""
+        wan = self.wan[0]
+        extra = wan.in_channels - wan.out_channels
+        if kind in (None, "none", "ti2v") and extra:
+            raise ValueError(f"the teacher reads {wan.in_channels} input channels for {wan.out_channels} output ones: "
+                             "an image-to-video (I2V) model; set data.conditioning=i2v and use shards written with "
+                             "tools/make_prompt_shards.py --conditioning i2v")
+        if kind == "i2v" and extra <= 4:
+            raise ValueError(f"data.conditioning=i2v but the teacher reads {wan.in_channels} input channels for "
+                             f"{wan.out_channels} output ones (I2V-A14B: 36 for 16); is this a text-to-video teacher?")
 
     # -- protocol: who we are ---------------------------------------------------------------------
     @property
@@ -217,14 +231,19 @@ class MegatronWanBackend:
         return self.experts[int(role.split(":")[1])], False
 
     # -- protocol: velocities and updates ---------------------------------------------------------
-    def _run(self, module, x, t, text, loss_fn=None):
+    def _run(self, module, x, t, text, loss_fn=None, cond: Conditioning | None = None):
         """One pass through the schedule over ``train.num_micro_batches`` equal micro-batches (fewer when
         the batch does not divide); returns the velocity on every rank. With ``loss_fn(v, idx)`` (idx =
         the micro-batch's sample indices) it also runs the backward; the schedule averages the
-        micro-batch losses, so the gradients are those of the whole batch's mean loss."""
+        micro-batch losses, so the gradients are those of the whole batch's mean loss. ``cond`` (image
+        conditioning) changes the model's input and, for TI2V, gives per-token timesteps."""
         b = x.shape[0]
         chunks = list(torch.arange(b, device=x.device).tensor_split(math.gcd(b, self.cfg.train.num_micro_batches)))
         outputs = []
+        pt, ph, pw = self.wan[0].patch_size
+        tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)  # buckets differ in size
+        if cond is not None:
+            x, t = cond.model_input(x).to(x.dtype), cond.timesteps(t, self.wan[0].patch_size)
 
         def forward_step(data_iterator, m):
             idx = next(data_iterator)
@@ -238,7 +257,7 @@ class MegatronWanBackend:
             return out, collect
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(chunks), model=[module],
-                                    num_microbatches=len(chunks), seq_length=self.tokens,
+                                    num_microbatches=len(chunks), seq_length=tokens,
                                     micro_batch_size=len(chunks[0]), forward_only=loss_fn is None)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         out = torch.cat(outputs) if outputs else torch.empty(b, self.wan[0].out_channels, *x.shape[2:],
@@ -249,7 +268,8 @@ class MegatronWanBackend:
         return out
 
     @torch.no_grad()
-    def velocity(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def velocity(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 cond: Conditioning | None = None) -> torch.Tensor:
         """v(x, t) of ``role`` (teacher / fake / student / expert:j), routed per sample to the expert owning t."""
         x, text = x.to(self.dtype), text.to(self.dtype)
         if role in ("teacher", "fake"):
@@ -258,17 +278,19 @@ class MegatronWanBackend:
             for e in experts.unique().tolist():
                 idx = (experts == e).nonzero().flatten()
                 module, adapters_off = self._module(role, e)
+                cond_e = None if cond is None else cond.index(idx)
                 if adapters_off:
                     with lora_disabled(module):
-                        out[idx] = self._run(module, x[idx], t[idx], text[idx])
+                        out[idx] = self._run(module, x[idx], t[idx], text[idx], cond=cond_e)
                 else:
-                    out[idx] = self._run(module, x[idx], t[idx], text[idx])
+                    out[idx] = self._run(module, x[idx], t[idx], text[idx], cond=cond_e)
             return out.float()
         module, _ = self._module(role, 0)
-        return self._run(module, x, t, text).float()
+        return self._run(module, x, t, text, cond=cond).float()
 
     def train_step(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict[str, float]:
+                   loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                   cond: Conditioning | None = None) -> dict[str, float]:
         """One optimizer step of a trainable role (``student`` or ``fake{e}``) on the batch-mean loss;
         ``loss_fn(v, idx)`` is the mean loss of the samples ``idx`` whose velocities are ``v``."""
         trainable = self.trainables[role]
@@ -281,7 +303,7 @@ class MegatronWanBackend:
             losses.append(loss.detach().clone())  # the schedule rescales the returned loss in place
             return loss
 
-        self._run(trainable.ddp, x.to(self.dtype), t, text.to(self.dtype), wrapped)
+        self._run(trainable.ddp, x.to(self.dtype), t, text.to(self.dtype), wrapped, cond)
         finalize_model_grads([trainable.ddp])
         ok, grad_norm, _ = trainable.optimizer.step()
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)

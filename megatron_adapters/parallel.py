@@ -98,6 +98,14 @@ def expand_first_host(nodelist: str) -> str:
     return prefix + first
 
 
+def _free_port(addr: str) -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((addr, 0))
+        return sock.getsockname()[1]
+
+
 def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     """Read rank, world size and rendezvous from torchrun's variables, else Slurm's, else one process."""
     env = dict(os.environ if environ is None else environ)
@@ -122,7 +130,8 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
     else:
         rank, world, local, launcher = 0, 1, 0, "single"
         addr = env.get("MASTER_ADDR", "127.0.0.1")
-        port = int(env.get("MASTER_PORT", 29500))
+        # A free port: two single-process runs (demo, tests, a sampler) on one machine must not collide.
+        port = int(env["MASTER_PORT"]) if "MASTER_PORT" in env else _free_port(addr)
     if world < 1 or not 0 <= rank < world:
         raise ValueError(f"inconsistent launch environment: rank {rank} of world size {world}")
     return LaunchEnv(rank, world, local, addr, port, launcher)

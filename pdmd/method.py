@@ -2,9 +2,10 @@
 
 The backend protocol (implemented by megatron_adapters.backend.MegatronWanBackend):
 
-- ``velocity(role, x, t, text) -> v`` without grad; role is ``teacher`` / ``fake`` (routed per sample to
-  the expert owning t), ``student``, or ``expert:j`` (the frozen expert of an earlier phase j);
-- ``train_step(role, x, t, text, loss_fn) -> {"loss", "grad_norm", ...}``: one optimizer step of
+- ``velocity(role, x, t, text, cond) -> v`` without grad; role is ``teacher`` / ``fake`` (routed per sample
+  to the expert owning t), ``student``, or ``expert:j`` (the frozen expert of an earlier phase j);
+  ``cond`` is the batch's image conditioning (pdmd/conditioning.py) or None;
+- ``train_step(role, x, t, text, loss_fn, cond) -> {"loss", "grad_norm", ...}``: one optimizer step of
   ``student`` or ``fake{e}`` on the batch-mean loss, ``loss_fn(v, idx)`` being the mean loss of the
   samples ``idx`` (a micro-batch) whose velocities at (x[idx], t[idx]) are v, with grad;
 - ``expert_of(t)``, ``dp_rank``, ``device``.
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pdmd import objectives as obj
+from pdmd.conditioning import Conditioning, masked_mean
 from pdmd.schedule import PhasePlan, renoise, x0_from_velocity
 
 
@@ -55,47 +57,54 @@ class PhaseTrainer:
     def _gen(self, step: int, purpose: str) -> torch.Generator:
         return make_generator(self.seed, self.k, step, purpose, self.backend.dp_rank)
 
-    def _randn(self, batch: int, gen: torch.Generator) -> torch.Tensor:
-        return torch.randn(batch, *self.latent_shape, generator=gen).to(self.backend.device)
+    def _randn(self, batch: int, gen: torch.Generator, cond: Conditioning | None) -> torch.Tensor:
+        """Noise of the batch's latent shape (an image-conditioned batch brings its bucket's size);
+        with TI2V conditioning its first frame is the image latent."""
+        shape = cond.latent_shape(self.latent_shape[0]) if cond is not None else self.latent_shape
+        x = torch.randn(batch, *shape, generator=gen).to(self.backend.device)
+        return _clamp(x, cond)
 
-    def _walk(self, x: torch.Tensor, text: torch.Tensor, last: int) -> tuple[torch.Tensor, float, torch.Tensor]:
+    def _walk(self, x: torch.Tensor, text: torch.Tensor, last: int,
+              cond: Conditioning | None) -> tuple[torch.Tensor, float, torch.Tensor]:
         """Euler steps 0..last-1 from x (earlier phases' frozen experts, then the student), and the
         velocity at step ``last``: returns (its input, its time, the velocity)."""
         times = list(self.plan.timesteps) + [0.0]
         for i in range(last + 1):
             phase = self.plan.phase_of_step(i)
             role = "student" if phase == self.k else f"expert:{phase}"
-            v = self.backend.velocity(role, x, torch.full((x.shape[0],), times[i], device=x.device), text)
+            v = self.backend.velocity(role, x, torch.full((x.shape[0],), times[i], device=x.device), text, cond)
             if i == last:
                 return x, times[i], v
-            x = x + (times[i + 1] - times[i]) * v
+            x = _clamp(x + (times[i + 1] - times[i]) * v, cond)
         raise AssertionError("unreachable: the walk always reaches step `last`")
 
     @torch.no_grad()
-    def rollout(self, text: torch.Tensor, gen: torch.Generator) -> Rollout:
+    def rollout(self, text: torch.Tensor, gen: torch.Generator, cond: Conditioning | None = None) -> Rollout:
         """Backward simulation from pure noise: earlier experts, then the student up to the step that
         carries the gradient (SGTS: uniform over the phase's steps; else its last), then its jump to s."""
-        x = self._randn(text.shape[0], gen)
+        x = self._randn(text.shape[0], gen, cond)
         steps = list(self.plan.steps_in_phase(self.k))
         j = steps[int(torch.randint(len(steps), (1,), generator=gen))] if self.method.sgts else steps[-1]
-        x_in, t_in, v = self._walk(x, text, j)
-        return Rollout(x_in=x_in, t_in=t_in, x_gen=x_in + (self.s - t_in) * v, step=j)
+        x_in, t_in, v = self._walk(x, text, j, cond)
+        return Rollout(x_in=x_in, t_in=t_in, x_gen=_clamp(x_in + (self.s - t_in) * v, cond), step=j)
 
     @torch.no_grad()
-    def preview(self, text: torch.Tensor, seed: int) -> torch.Tensor:
+    def preview(self, text: torch.Tensor, seed: int, cond: Conditioning | None = None) -> torch.Tensor:
         """The generator's clean estimate by the end of phase k from fixed noise: x - t v at the phase's
         last step (for the last phase, exactly the few-step sample). What the logged previews show."""
-        x = self._randn(text.shape[0], torch.Generator().manual_seed(seed))
-        x_in, t_in, v = self._walk(x, text, list(self.plan.steps_in_phase(self.k))[-1])
-        return x_in - t_in * v
+        x = self._randn(text.shape[0], torch.Generator().manual_seed(seed), cond)
+        x_in, t_in, v = self._walk(x, text, list(self.plan.steps_in_phase(self.k))[-1], cond)
+        return _clamp(x_in - t_in * v, cond)
 
-    def _renoise(self, x_s: torch.Tensor, gen: torch.Generator):
+    def _renoise(self, x_s: torch.Tensor, gen: torch.Generator, cond: Conditioning | None):
+        """x_t from x_s with the conditional kernel; a TI2V first frame stays the clean image latent."""
         b = x_s.shape[0]
-        eps = self._randn(b, gen)
+        eps = torch.randn(x_s.shape, generator=gen).to(x_s.device)
         t = self.plan.draw_renoise_t(self.k, b, generator=gen).to(x_s.device)
-        return eps, t, renoise(x_s, eps, self.s, t)
+        return eps, t, _clamp(renoise(x_s, eps, self.s, t), cond)
 
-    def generator_step(self, step: int, text: torch.Tensor, negative: torch.Tensor) -> dict[str, float]:
+    def generator_step(self, step: int, text: torch.Tensor, negative: torch.Tensor,
+                       cond: Conditioning | None = None) -> dict[str, float]:
         clock = [time.perf_counter()]
 
         def lap() -> float:
@@ -103,15 +112,15 @@ class PhaseTrainer:
             return clock[-1] - clock[-2]
 
         gen = self._gen(step, "generator")
-        r = self.rollout(text, gen)
-        eps, t, x_t = self._renoise(r.x_gen, gen)
+        r = self.rollout(text, gen, cond)
+        eps, t, x_t = self._renoise(r.x_gen, gen, cond)
         timing = {"time_rollout_s": lap()}
-        v_real = self.backend.velocity("teacher", x_t, t, text)
-        if self.method.cfg_scale != 1.0:
-            v_uncond = self.backend.velocity("teacher", x_t, t, negative)
+        v_real = self.backend.velocity("teacher", x_t, t, text, cond)
+        if self.method.cfg_scale != 1.0:  # the image stays in the unconditional pass, as the pipelines do
+            v_uncond = self.backend.velocity("teacher", x_t, t, negative, cond)
             v_real = obj.cfg_velocity(v_real, v_uncond, self.method.cfg_scale)
         timing["time_teacher_s"] = lap()
-        v_fake = self.backend.velocity("fake", x_t, t, text)
+        v_fake = self.backend.velocity("fake", x_t, t, text, cond)
         timing["time_fake_s"] = lap()
         if self.method.dmd_form == "velocity":
             dmd = obj.dmd_velocity_loss(r.x_gen, v_real, v_fake, self.s, t)
@@ -127,37 +136,55 @@ class PhaseTrainer:
                    "sgts_step": float(r.step), **timing}
         if not torch.isfinite(dmd.target).all():
             return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
-        target, x_in, jump = dmd.target, r.x_in, self.s - r.t_in
+        x_in, jump = r.x_in, self.s - r.t_in
+        weight = cond.loss_weight(x_in) if cond is not None else None
+        # Only the generated part moves: a TI2V first frame is given, so its target is itself.
+        target = dmd.target if weight is None else r.x_gen - dmd.grad * weight
 
         def loss_fn(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-            return 0.5 * ((x_in[idx] + jump * v - target[idx]) ** 2).mean()
+            w = None if weight is None else weight[idx]
+            return 0.5 * masked_mean((x_in[idx] + jump * v - target[idx]) ** 2, w)
 
         t_in = torch.full((x_in.shape[0],), r.t_in, device=x_in.device)
-        out = self.backend.train_step("student", x_in, t_in, text, loss_fn)
+        out = self.backend.train_step("student", x_in, t_in, text, loss_fn, cond)
         return {**metrics, "generator_loss": out["loss"], "student_grad_norm": out["grad_norm"],
                 "skipped": out.get("skipped", 0.0), "time_student_update_s": lap()}
 
-    def fake_step(self, step: int, index: int, text: torch.Tensor) -> dict[str, float]:
+    def fake_step(self, step: int, index: int, text: torch.Tensor, cond: Conditioning | None = None) -> dict[str, float]:
         gen = self._gen(step, f"fake{index}")
-        x_s = self.rollout(text, gen).x_gen
-        eps, t, x_t = self._renoise(x_s, gen)
+        x_s = self.rollout(text, gen, cond).x_gen
+        eps, t, x_t = self._renoise(x_s, gen, cond)
         experts = self.backend.expert_of(t)
         losses, norms = [], []
         for e in experts.unique().tolist():
             idx = (experts == e).nonzero().flatten()
             xs_e, eps_e, t_e = x_s[idx], eps[idx], t[idx]
-            out = self.backend.train_step(f"fake{e}", x_t[idx], t_e, text[idx], self._fake_loss(xs_e, eps_e, t_e))
+            cond_e = None if cond is None else cond.index(idx)
+            out = self.backend.train_step(f"fake{e}", x_t[idx], t_e, text[idx],
+                                          self._fake_loss(xs_e, eps_e, t_e, cond_e), cond_e)
             losses.append(out["loss"] * len(idx))
             norms.append(out["grad_norm"])
         return {"fake_loss": sum(losses) / x_s.shape[0], "fake_grad_norm": max(norms)}
 
-    def _fake_loss(self, x_s, eps, t):
+    def _fake_loss(self, x_s, eps, t, cond: Conditioning | None):
         kind, s, max_weight = self.method.fake_loss, self.s, self.method.fake_max_weight
+        weight = None if cond is None else cond.loss_weight(x_s)
 
         def loss_fn(v: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
             xs, e, tt = x_s[idx], eps[idx], t[idx]
+            if weight is not None:  # TI2V: the given first frame is not scored
+                target = (obj.naive_velocity_target(xs, e, s, tt) if kind == "naive"
+                          else obj.subinterval_velocity_target(xs, e, s, tt))
+                w_t = obj.subinterval_loss_weight(s, tt, max_weight) if kind == "subinterval" else torch.ones_like(tt)
+                err = (v.float() - target.float()) ** 2 * weight[idx]
+                per_sample = err.flatten(1).sum(1) / weight[idx].flatten(1).sum(1).clamp(min=1)
+                return (w_t.to(per_sample.dtype) * per_sample).mean()
             if kind == "naive":
                 return F.mse_loss(v, obj.naive_velocity_target(xs, e, s, tt).to(v.dtype))
             return obj.subinterval_fake_loss(v, xs, e, s, tt, max_weight=max_weight if kind == "subinterval" else None)
 
         return loss_fn
+
+
+def _clamp(x: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
+    return x if cond is None else cond.clamp(x)

@@ -12,17 +12,26 @@ TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=
 
 
 def write_tiny_wan22_teacher(out: str | Path, *, seed: int = 0, boundary: float = 0.875,
-                             text_dim: int = 24, **overrides) -> Path:
-    """A two-expert Wan2.2-A14B-shaped teacher folder (transformer = high noise, transformer_2 = low)."""
+                             text_dim: int = 24, experts: int = 2, pipeline: str = "WanPipeline",
+                             expand_timesteps: bool = False, **overrides) -> Path:
+    """A Wan2.2-shaped teacher folder: two experts like A14B (transformer = high noise, transformer_2 =
+    low), or one like TI2V-5B. ``pipeline`` names the model_index class (WanImageToVideoPipeline for
+    I2V / TI2V teachers, whose transformers read ``in_channels`` = out + 4 + z, or per-token timesteps)."""
     from diffusers import WanTransformer3DModel
 
     out = Path(out)
     cfg = {**TINY_WAN, "text_dim": text_dim, **overrides}
-    for i, sub in enumerate(("transformer", "transformer_2")):
+    subs = ("transformer", "transformer_2")[:experts]
+    for i, sub in enumerate(subs):
         torch.manual_seed(seed + i)
         WanTransformer3DModel(**cfg).save_pretrained(out / sub)
-    (out / "model_index.json").write_text(json.dumps({
-        "_class_name": "WanPipeline", "boundary_ratio": boundary, "expand_timesteps": False,
-        "transformer": ["diffusers", "WanTransformer3DModel"], "transformer_2": ["diffusers", "WanTransformer3DModel"],
-    }, indent=2))
+    index = {"_class_name": pipeline, "expand_timesteps": expand_timesteps,
+             **{sub: ["diffusers", "WanTransformer3DModel"] for sub in subs}}
+    if experts == 2:
+        index["boundary_ratio"] = boundary
+    else:
+        index["transformer_2"] = [None, None]
+    if pipeline == "WanImageToVideoPipeline":  # Wan2.2's I2V models have no CLIP image encoder
+        index.update(image_encoder=[None, None], image_processor=[None, None])
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out

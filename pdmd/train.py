@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from pdmd.conditioning import Conditioning
 from pdmd.config import ConfigError, RunConfig, load_config
 from pdmd.method import PhaseTrainer
 from pdmd.metrics import MetricsLogger
@@ -99,8 +100,9 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
             batch = next(batches)
             text = batch["text_embeds"].to(backend.device)
             negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
-            fake = [trainer.fake_step(step, i, text) for i in range(cfg.method.fake_ratio)]
-            gen = trainer.generator_step(step, text, negative)
+            cond = Conditioning.from_batch(batch, backend.device)  # image-to-video shards; None for text only
+            fake = [trainer.fake_step(step, i, text, cond) for i in range(cfg.method.fake_ratio)]
+            gen = trainer.generator_step(step, text, negative, cond)
             bad = bad + 1 if gen.get("skipped") else 0
             if bad >= cfg.train.max_bad_steps:
                 run.update_phase(k, status="failed")
@@ -173,6 +175,8 @@ class _Previews:
 
         first = next(iter(PromptLoader(data_cfg, dp_rank=0, dp_size=1).forever()))
         self.text = first["text_embeds"][: cfg.logging.sample_count].to(backend.device)
+        cond = Conditioning.from_batch(first, backend.device)
+        self.cond = None if cond is None else cond.index(slice(0, len(self.text)))
         self.prompts = list(first.get("prompt", []))[: cfg.logging.sample_count]
         self.vae = vae_folder(cfg.logging.vae)
         self.seed, self.dir = cfg.seed, run.path / "samples"
@@ -180,7 +184,7 @@ class _Previews:
     def log(self, trainer: PhaseTrainer, logger: MetricsLogger, k: int, done: int, global_step: int) -> None:
         from pdmd.sample import decode, save_media
 
-        latents = trainer.preview(self.text, self.seed)  # every rank: the passes are collective
+        latents = trainer.preview(self.text, self.seed, self.cond)  # every rank: the passes are collective
         if not backend_rank0():
             return
         self.dir.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ def test_slurm_environment_takes_master_from_node_list():
 def test_single_process_default():
     env = read_launch_env({})
     assert (env.rank, env.world_size, env.launcher) == (0, 1, "single")
+    assert 0 < env.master_port < 65536  # a free port, so that two single-process runs can share a machine
 
 
 @pytest.mark.parametrize(

@@ -318,20 +318,22 @@ def budget_bytes(gpu: str) -> float:
 
 # -- time ---------------------------------------------------------------------------------------------
 def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dict[str, float]:
-    """FLOPs of one generator update of phase k per sample: the generator step (rollout, teacher x2 with
-    CFG, fake, student forward+backward) and ``fake_ratio`` fake steps (rollout, fake forward+backward).
-    Backward = 2x forward for trained weights' matmuls (dgrad + wgrad), 1x for frozen ones (dgrad only),
-    2.5x for attention (flash backward recomputes the scores); full recompute adds one forward."""
+    """Model FLOPs of one generator update of phase k per sample: the generator step (rollout, teacher x2
+    with CFG, fake, student forward+backward) and ``fake_ratio`` fake steps (rollout, fake forward +
+    backward). Backward = 2x forward for attention and trained weights' matmuls (dgrad + wgrad), 1x for
+    frozen weights' matmuls (dgrad only; a LoRA student's backbone); full recompute adds one forward per
+    training pass. (Flash attention's backward also recomputes the scores: hardware FLOPs, not counted,
+    as in the MFU figures the default comes from.)"""
     f = forward_flops(w.arch, tokens, w.text_len)
     fwd = f.total
     steps = w.plan.steps_per_phase
     before = sum(steps[: k - 1])
     rollout = before + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
     extra = 1.0 if recompute == "full" else 0.0
-    full_train = fwd * (1 + extra) + 2 * f.linear + 2.5 * f.attention
+    full_train = fwd * (1 + extra) + 2 * f.linear + 2 * f.attention
     if w.lora:
         lf = lora_flops(w.arch, tokens, w.text_len, *w.lora)
-        student = (fwd + lf) * (1 + extra) + f.linear + 2.5 * f.attention + 2 * lf
+        student = (fwd + lf) * (1 + extra) + f.linear + 2 * f.attention + 2 * lf
     else:
         student = full_train
     teacher = (2 if w.cfg_scale != 1.0 else 1) * fwd

@@ -288,6 +288,27 @@ def _grads_in_our_layout(ours: torch.nn.Module, grads: dict[str, torch.Tensor], 
     return megatron_shard(TensorReader(grads), wan_rules(cfg), model_layout(ours), dict(ours.named_parameters()))
 
 
+def _block_flops(args: argparse.Namespace, tokens: int) -> dict[str, float]:
+    """Model FLOPs of one forward and one forward+backward of the benchmarked DiT (the batch)."""
+    from pdmd.capacity import Arch, forward_flops
+
+    arch = Arch("bench", "wan", layers=args.layers, heads=args.heads, head_dim=args.hidden // args.heads, ffn=args.ffn,
+                in_channels=args.channels, out_channels=args.channels, patch=(1, 2, 2), text_dim=args.text_dim)
+    fwd = forward_flops(arch, tokens, args.text_len).total * args.batch
+    return {"fwd": fwd, "fwd+bwd": 3 * fwd}
+
+
+# Dense bf16 peaks (NVIDIA data sheets, SXM parts) of the cards the cluster runs on, for MFU.
+BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12, "B200": 2250e12}
+
+
+def _bf16_peak(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in BF16_PEAK.items() if k in name), None)
+
+
 def _stats(ts: list[float]) -> tuple[float, float]:
     return statistics.median(ts), min(ts)
 
@@ -361,13 +382,19 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
     fns = {"fwd": {n: forward(n) for n in models}, "fwd+bwd": {n: train_step(n) for n in models}}
     errs = {"fwd": checks["output"], "fwd+bwd": max(checks["input grad"], checks["param grads (worst)"])}
     ok = all(v <= rtol for v in checks.values())  # NaN fails too
-    rows = []
+    flops = _block_flops(args, tokens)
+    peak = _bf16_peak(device) if dtype == torch.bfloat16 else None
+    rows, rates = [], []
     for phase, pair in fns.items():
         times = alternate(pair, args.reps, device, before=drop_grads if phase == "fwd+bwd" else None)
         for clock in times["ours"]:
             (om, omin), (dm, dmin) = _stats(times["ours"][clock]), _stats(times["diffusers"][clock])
             rows.append([phase, clock, f"{_ms(om)} ({_ms(omin)})", f"{_ms(dm)} ({_ms(dmin)})", f"{om / dm:.3f}x",
                          f"{errs[phase]:.1e}"])
+        om, dm = (statistics.median(times[n]["wall"]) for n in ("ours", "diffusers"))
+        rates.append(f"{phase} ours {flops[phase] / om / 1e12:.3g}, diffusers {flops[phase] / dm / 1e12:.3g}"
+                     + (f" ({flops[phase] / om / peak:.0%} / {flops[phase] / dm / peak:.0%} of the dense bf16 peak)"
+                        if peak else ""))
     params = sum(p.numel() for p in ours.parameters())
     notes = [
         f"config: hidden {args.hidden} ({args.heads} heads of {args.hidden // args.heads}), {args.layers} layers, "
@@ -380,6 +407,9 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
         "not their cache and memory contention)",
         "rel err ours vs diffusers (warm-up results): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
         + f" (rtol {rtol:g}: {'ok' if ok else 'MISMATCH, the timings compare different functions'})",
+        "TFLOP/s (model FLOPs of pdmd.capacity.forward_flops, forward+backward = 3x forward, over the median "
+        f"wall time; {flops['fwd'] / 1e12:.3g} TFLOP per forward" + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
+        + "): " + "; ".join(rates),
     ]
     return Result(title="Wan DiT, ours (Megatron-core, local spec) vs diffusers WanTransformer3DModel",
                   headers=["pass", "clock", "ours ms median (min)", "diffusers ms median (min)", "ours / diffusers",

@@ -149,7 +149,9 @@ class MegatronWanBackend:
         self.spec = layer_spec(cfg.model.spec)
         self.teachers: dict[int, torch.nn.Module] = {}
         self.experts: dict[int, torch.nn.Module] = {}
-        self.trainables: dict[str, Trainable] = {}
+        self.trainables: dict[str, Trainable] = {}  # the active region's
+        self.regions: dict[int, dict] = {}  # k -> that region's trainables, student expert, checkpoint prefix
+        self.frozen: dict[int, torch.nn.Module] = {}  # finished earlier phases' experts (sequential schedule)
         self.student_expert = 0
 
     def _check_conditioning(self, kind: str | None) -> None:
@@ -200,30 +202,64 @@ class MegatronWanBackend:
         """Build phase k's roles, and only those: teachers and fakes for the experts whose range the
         phase's re-noise interval touches, the student, and the frozen experts of earlier phases
         (``earlier[j] = (teacher expert, checkpoint dir)``)."""
-        self.teachers, self.experts, self.trainables = {}, {}, {}
-        self.student_expert = student_expert
-        lora = self.cfg.student.lora
-        scored = self.experts_touching(*renoise_interval)
-        for e in sorted(set(scored) | ({student_expert} if lora is not None else set())):
+        self.teachers, self.regions, self.frozen = {}, {}, {}
+        for e in self._teacher_set({k: (student_expert, renoise_interval)}):
             self.teachers[e] = _frozen(self._new_model(e))
-        if lora is not None:  # the student is the teacher's backbone plus adapters
+        self.regions[k] = self._region_roles(k, student_expert, renoise_interval, prefix="")
+        self.frozen = {j: _frozen(self.load_expert(e, ckpt)) for j, (e, ckpt) in earlier.items()}
+        self.activate(k)
+
+    def setup_interleaved(self, regions: dict[int, tuple[int, tuple[float, float]]]) -> None:
+        """LightX2V's arrangement: every region's student and fakes resident and trained in turn;
+        ``regions[k] = (teacher expert of its student, re-noise interval)``. Region k's rollout runs the
+        LIVE students of regions < k (no grad) instead of frozen finished experts."""
+        lora = self.cfg.student.lora
+        experts = [e for e, _ in regions.values()]
+        if lora is not None and len(set(experts)) < len(experts):
+            raise ValueError("method.schedule=interleaved with LoRA students needs each region on its own teacher "
+                             f"expert (students start from experts {experts}); set student.lora=null")
+        self.teachers, self.regions, self.frozen = {}, {}, {}
+        for e in self._teacher_set(regions):
+            self.teachers[e] = _frozen(self._new_model(e))
+        for k, (e, interval) in regions.items():
+            self.regions[k] = self._region_roles(k, e, interval, prefix=f"region{k}.")
+        self.activate(min(regions))
+
+    def activate(self, k: int) -> None:
+        """Make region k's roles the ones ``student`` / ``fake{e}`` / ``expert:j`` name."""
+        region = self.regions[k]
+        self.trainables = region["trainables"]
+        self.student_expert = region["student_expert"]
+        live = {j: r["trainables"]["student"].ddp for j, r in self.regions.items() if j < k}
+        self.experts = {**self.frozen, **live}
+
+    def _teacher_set(self, regions: dict[int, tuple[int, tuple[float, float]]]) -> list[int]:
+        lora = self.cfg.student.lora is not None
+        wanted: set[int] = set()
+        for e, interval in regions.values():
+            wanted |= set(self.experts_touching(*interval)) | ({e} if lora else set())
+        return sorted(wanted)
+
+    def _region_roles(self, k: int, student_expert: int, renoise_interval: tuple[float, float], prefix: str) -> dict:
+        """One region's trainable student (LoRA on the teacher expert's backbone, or a full copy) and its
+        fakes, one per teacher expert the re-noise interval touches, initialised from that expert."""
+        lora = self.cfg.student.lora
+        if lora is not None:
             student = self.teachers[student_expert]
             apply_lora(student, LoRAConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets),
                                            seed=self.cfg.seed + k))
         else:
             student = self._new_model(student_expert)
-        self.trainables["student"] = Trainable("student", student.train(), self.tconfig, self.cfg.student)
-        for e in scored:
-            teacher = self.teachers[e]
+        trainables = {"student": Trainable(f"{prefix}student", student.train(), self.tconfig, self.cfg.student)}
+        for e in self.experts_touching(*renoise_interval):
             fake = build_wan_model(self.tconfig, self.wan[e], self.spec).to(self.device)
-            check_and_load(fake, _base_state(teacher), f"initialising fake{e} from teacher expert {e}")
-            self.trainables[f"fake{e}"] = Trainable(f"fake{e}", fake.train(), self.tconfig, self.cfg.fake)
-        for j, (e, ckpt) in earlier.items():
-            self.experts[j] = _frozen(self.load_expert(e, ckpt))
+            check_and_load(fake, _base_state(self.teachers[e]), f"initialising fake{e} from teacher expert {e}")
+            trainables[f"fake{e}"] = Trainable(f"{prefix}fake{e}", fake.train(), self.tconfig, self.cfg.fake)
+        return {"trainables": trainables, "student_expert": student_expert, "prefix": prefix}
 
     def _module(self, role: str, e: int):
-        if role == "teacher":
-            return self.teachers[e], e == self.student_expert and self.cfg.student.lora is not None
+        if role == "teacher":  # a teacher carrying a LoRA student's adapters runs with them off
+            return self.teachers[e], bool(lora_modules(self.teachers[e]))
         if role == "fake":
             return self.trainables[f"fake{e}"].ddp, False
         if role == "student":
@@ -314,9 +350,14 @@ class MegatronWanBackend:
                 "skipped": float(not ok)}
 
     # -- checkpoints ------------------------------------------------------------------------------
+    def _all_trainables(self) -> dict[str, Trainable]:
+        """Every trainable role of every resident region, under its checkpoint name (sequential phases:
+        ``student``, ``fake0``, ...; interleaved: ``region1.student``, ...)."""
+        return {f"{r['prefix']}{name}": tr for r in self.regions.values() for name, tr in r["trainables"].items()}
+
     def _sharded(self, is_loading: bool) -> dict:
         state = {}
-        for name, tr in self.trainables.items():
+        for name, tr in self._all_trainables().items():
             _ensure_adam_state(tr.optimizer)
             model_sd = tr.model.sharded_state_dict(prefix=f"{name}.model.")
             state[f"{name}.model"] = model_sd
@@ -335,7 +376,7 @@ class MegatronWanBackend:
     def load(self, path: str | Path) -> dict:
         path = Path(path)
         loaded = dist_checkpointing.load(self._sharded(is_loading=True), str(path))
-        for name, tr in self.trainables.items():
+        for name, tr in self._all_trainables().items():
             prefix = f"{name}.model."
             tr.model.load_state_dict({k[len(prefix):]: v for k, v in loaded[f"{name}.model"].items()}, strict=True)
             _load_optimizer(tr.optimizer, loaded[f"{name}.optim"])

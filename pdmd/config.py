@@ -54,6 +54,9 @@ class MethodConfig:
     fake_loss: str = "subinterval"  # subinterval (paper Eq. 13) | mse (LightX2V) | naive (ablation)
     fake_max_weight: float = 10.0
     fake_ratio: int = 5  # fake updates per generator update (TTUR)
+    # sequential: phase after phase, earlier experts frozen (the paper); interleaved: every phase's student
+    # and fakes resident and trained in turn, iteration i on phase (i mod K) + 1 (LightX2V's release)
+    schedule: str = "sequential"
 
 
 @dataclass
@@ -217,6 +220,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.dmd_form={meth.dmd_form!r}: choose velocity or x0")
     if meth.fake_loss not in ("subinterval", "mse", "naive"):
         raise ConfigError(f"method.fake_loss={meth.fake_loss!r}: choose subinterval, mse or naive")
+    if meth.schedule not in ("sequential", "interleaved"):
+        raise ConfigError(f"method.schedule={meth.schedule!r}: choose sequential (the paper) or interleaved (LightX2V)")
+    if meth.schedule == "interleaved" and plan.num_phases < 2:
+        raise ConfigError("method.schedule=interleaved needs plan.num_phases >= 2 (it alternates between phases)")
     if not isinstance(meth.fake_ratio, int) or meth.fake_ratio < 1:
         raise ConfigError(f"method.fake_ratio={meth.fake_ratio!r} must be an integer >= 1 (the paper uses 5)")
     if meth.cfg_scale < 0:

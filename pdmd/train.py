@@ -71,13 +71,23 @@ def student_experts(cfg: RunConfig, backend) -> list[int]:
     return [int(backend.expert_of(torch.tensor([plan.phase_start(k)]))[0]) for k in plan.phases]
 
 
-def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLogger, stop: _StopFlag) -> int:
+def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger: MetricsLogger,
+                stop: _StopFlag) -> int:
+    """Train ``phases``: one phase (the paper's sequential schedule), or all of them interleaved
+    (iteration i trains phases[i mod K]; LightX2V). Checkpoints and the resume point live in the
+    first phase's manifest entry."""
     from data.loader import PromptDataConfig, PromptLoader
 
     manifest = run.read()
-    entry = manifest["phases"][k - 1]
-    earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: k - 1]}
-    backend.setup_phase(k, entry["student_expert"], earlier, cfg.phase_plan().renoise_interval(k))
+    owner = phases[0]
+    entry = manifest["phases"][owner - 1]
+    plan = cfg.phase_plan()
+    if len(phases) == 1:
+        earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: owner - 1]}
+        backend.setup_phase(owner, entry["student_expert"], earlier, plan.renoise_interval(owner))
+    else:
+        backend.setup_interleaved({k: (manifest["phases"][k - 1]["student_expert"], plan.renoise_interval(k))
+                                   for k in phases})
     data_cfg = PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
                                            "seed": cfg.seed})
     loader = PromptLoader(data_cfg, dp_rank=backend.dp_rank, dp_size=backend.dp_size)
@@ -86,16 +96,21 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
         state = backend.load(run.path / entry["checkpoints"][0])
         loader.load_state_dict(state["loader"])
         start = state["step"]
-    run.update_phase(k, status="running")
-    trainer = PhaseTrainer(backend, cfg.phase_plan(), k, cfg.method, cfg.train.latent_shape, cfg.seed)
+    for k in phases:
+        run.update_phase(k, status="running")
+    trainers = {k: PhaseTrainer(backend, plan, k, cfg.method, cfg.train.latent_shape, cfg.seed) for k in phases}
     previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
     negative_single = loader.negative["text_embeds"].to(backend.device)
     batches = loader.forever()
-    bad = 0
-    steps = cfg.train.steps
-    bar = _progress(cfg, k, start, steps)
+    bad = dict.fromkeys(phases, 0)
+    steps, n = cfg.train.steps, len(phases)
+    total = steps * n  # iterations; each phase gets train.steps generator updates
+    bar = _progress(cfg, "+".join(map(str, phases)), start, total)
     try:
-        for step in range(start, steps):
+        for it in range(start, total):
+            k, step = phases[it % n], it // n
+            backend.activate(k)
+            trainer = trainers[k]
             tic = time.perf_counter()
             batch = next(batches)
             text = batch["text_embeds"].to(backend.device)
@@ -103,12 +118,12 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
             cond = Conditioning.from_batch(batch, backend.device)  # image-to-video shards; None for text only
             fake = [trainer.fake_step(step, i, text, cond) for i in range(cfg.method.fake_ratio)]
             gen = trainer.generator_step(step, text, negative, cond)
-            bad = bad + 1 if gen.get("skipped") else 0
-            if bad >= cfg.train.max_bad_steps:
+            bad[k] = bad[k] + 1 if gen.get("skipped") else 0
+            if bad[k] >= cfg.train.max_bad_steps:
                 run.update_phase(k, status="failed")
                 raise TrainingDiverged(
-                    f"phase {k}: {bad} generator steps in a row had a non-finite DMD target or loss; the last good "
-                    f"checkpoint is {run.read()['phases'][k - 1]['checkpoints'][:1]}. Lower student.lr / "
+                    f"phase {k}: {bad[k]} generator steps in a row had a non-finite DMD target or loss; the last good "
+                    f"checkpoint is {run.read()['phases'][owner - 1]['checkpoints'][:1]}. Lower student.lr / "
                     f"method.cfg_scale, or use model.dtype=fp32, then rerun to resume from it")
             elapsed = time.perf_counter() - tic
             scalars = {f"phase{k}/{name}": value for name, value in gen.items()}
@@ -116,47 +131,54 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, k: int, logger: MetricsLog
             scalars[f"phase{k}/fake_grad_norm"] = max(f["fake_grad_norm"] for f in fake)
             scalars[f"phase{k}/samples_per_s"] = text.shape[0] * backend.dp_size / elapsed
             scalars[f"phase{k}/step_time_s"] = elapsed
-            scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad)
+            scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad[k])
             scalars[f"phase{k}/student_lr"] = cfg.student.lr
             scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
             scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
-            done = step + 1
-            if done % cfg.train.log_every == 0:
-                logger.log(_global_step(cfg, k, step), scalars)
-                logger.log_histogram(_global_step(cfg, k, step), f"phase{k}/t", trainer.last_t)
-                line = (f"phase {k} step {done}/{steps} generator_loss={gen['generator_loss']:.4g} "
+            done, global_step = it + 1, (owner - 1) * steps + it + 1
+            if (step + 1) % cfg.train.log_every == 0:
+                logger.log(global_step, scalars)
+                logger.log_histogram(global_step, f"phase{k}/t", trainer.last_t)
+                line = (f"phase {k} step {step + 1}/{steps} generator_loss={gen['generator_loss']:.4g} "
                         f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)")
                 if bar is not None:
-                    bar.set_postfix_str(line.split(" ", 4)[-1], refresh=False)
+                    bar.set_postfix_str(line, refresh=False)
                 elif backend_rank0():
                     print(line, flush=True)
             if bar is not None:
                 bar.update(1)
-            if previews is not None and done % cfg.logging.sample_every == 0:
-                previews.log(trainer, logger, k, done, _global_step(cfg, k, step))
+            if previews is not None and (step + 1) % cfg.logging.sample_every == 0:
+                previews.log(trainer, logger, k, step + 1, global_step)
             signalled = stop.agreed(backend.device)
-            if done % cfg.train.checkpoint_every == 0 or done == steps or signalled is not None:
-                backend.save(run.step_dir(k, done), {"step": done, "loader": loader.state_dict(), "phase": k})
+            if done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None:
+                backend.save(run.step_dir(owner, done), {"step": done, "loader": loader.state_dict(), "phase": owner,
+                                                         "phases": phases})
                 if backend_rank0():
-                    run.record_checkpoint(k, done, cfg.train.keep_last)
+                    run.record_checkpoint(owner, done, cfg.train.keep_last)
+                    for j in phases if n > 1 else []:  # interleaved: each phase's own updates so far
+                        run.update_phase(j, step=sum(1 for i in range(done) if phases[i % n] == j))
                 _barrier()
-            if signalled is not None and done < steps:
+            if signalled is not None and done < total:
                 if backend_rank0():
-                    print(f"phase {k}: signal {signalled} received, checkpoint at step {done} saved; exiting", flush=True)
+                    print(f"phase {k}: signal {signalled} received, checkpoint at iteration {done} saved; exiting",
+                          flush=True)
                 return EXIT_PREEMPTED
     finally:
         if bar is not None:
             bar.close()
-    backend.save_expert(run.expert_dir(k))
+    for k in phases:
+        backend.activate(k)
+        backend.save_expert(run.expert_dir(k))
     _barrier()
     if backend_rank0():
-        run.update_phase(k, status="done", step=steps, expert=str(run.expert_dir(k).relative_to(run.path)),
-                         expert_hash=tree_hash(run.expert_dir(k)))
+        for k in phases:
+            run.update_phase(k, status="done", step=steps, expert=str(run.expert_dir(k).relative_to(run.path)),
+                             expert_hash=tree_hash(run.expert_dir(k)))
     _barrier()
     return 0
 
 
-def _progress(cfg: RunConfig, k: int, start: int, steps: int):
+def _progress(cfg: RunConfig, k: int | str, start: int, steps: int):
     """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get one line per step instead."""
     if not (cfg.logging.progress and backend_rank0() and sys.stderr.isatty()):
         return None
@@ -201,10 +223,6 @@ def _peak_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def _global_step(cfg: RunConfig, k: int, step: int) -> int:
-    return (k - 1) * cfg.train.steps + step + 1
-
-
 def backend_rank0() -> bool:
     import torch.distributed as dist
 
@@ -241,9 +259,17 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
             todo = [] if nxt is None else [nxt]
         else:
             todo = [int(phase)]
-        for k in todo:
-            run.check_phase_ready(k)
-            code = _phase_loop(cfg, backend, run, k, logger, stop)
+        if cfg.method.schedule == "interleaved":  # the phases train together: auto and all mean the same
+            if phase not in ("all", "auto"):
+                raise ConfigError(f"--phase {phase}: method.schedule=interleaved trains all phases together; "
+                                  "use --phase all or auto (one job runs the whole distillation)")
+            groups = [[e["index"] for e in manifest["phases"] if e["status"] != "done"]]
+            groups = [g for g in groups if g]
+        else:
+            groups = [[k] for k in todo]
+        for group in groups:
+            run.check_phase_ready(group[0])
+            code = _phase_loop(cfg, backend, run, group, logger, stop)
             if code:
                 return code
         if backend_rank0():

@@ -220,3 +220,27 @@ def test_paper_recipe_parses_with_its_settings(tiny):
     assert plan.renoise_interval(1)[0] == pytest.approx(0.875) and plan.renoise_interval(2) == (plan.phase_end(2), 1.0)
     assert (cfg.student.lora.rank, cfg.student.lora.alpha, cfg.student.lr, cfg.fake.lr, cfg.method.fake_ratio) == (
         64, 8.0, 5e-5, 4e-7, 5)
+
+
+def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny):
+    """LightX2V's arrangement: both phases' roles resident, iterations alternate; a kill -9 mid-run and a
+    rerun give the experts of an uninterrupted run (the checkpoint holds every region's roles)."""
+    root, overrides = tiny
+    inter = [*overrides, "method.schedule=interleaved", "train.checkpoint_every=2"]
+    full = root / "interleaved_full"
+    proc = _train(full, inter)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((full / "manifest.json").read_text())
+    assert [(p["status"], p["step"]) for p in manifest["phases"]] == [("done", 4), ("done", 4)]
+    order = [1 if "phase1/generator_loss" in r else 2 for r in _metrics(full)]
+    assert order == [1, 2] * 4
+    killed = root / "interleaved_killed"
+    code = _start_and_kill(killed, inter, lambda rows: len(rows) >= 5, signal.SIGKILL)
+    assert code != 0
+    proc = _train(killed, inter)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for k in (1, 2):
+        ours, ref = _expert_tensors(killed, k), _expert_tensors(full, k)
+        assert ours.keys() == ref.keys() and all(torch.equal(ours[n], ref[n]) for n in ours), k
+    proc = _train(root / "interleaved_one", [*inter, "plan.num_phases=1", "plan.renoise_clamp=null"])
+    assert proc.returncode == 2 and "method.schedule=interleaved needs plan.num_phases >= 2" in proc.stderr

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from megatron_adapters.conversion import Rule, diffusers_from_shards
 from megatron_adapters.wan.config import WanConfig
 from megatron_adapters.wan.convert import wan_rules
+from pdmd.conditioning import Conditioning
 from pdmd.export_layout import ExportError, RunInfo
 
 
@@ -196,10 +197,14 @@ class RunExperts:
         return self._gather(stage, state, lora_rules(self.wan(k), modules))
 
     # -- sampling -----------------------------------------------------------------------------------
-    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """v of phase k's expert through the trainer's Megatron path (every rank returns it)."""
+    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 cond: Conditioning | None = None) -> torch.Tensor:
+        """v of phase k's expert through the trainer's Megatron path (every rank returns it); ``cond`` (image
+        conditioning) goes to the backend, which builds the model input and per-token timesteps as in training."""
         self.load(k)
-        return self.backend.velocity(f"expert:{k}", x, t, text)
+        if cond is None:
+            return self.backend.velocity(f"expert:{k}", x, t, text)
+        return self.backend.velocity(f"expert:{k}", x, t, text, cond)
 
 
 def lora_rules(cfg: WanConfig, modules: set[str]) -> list[Rule]:

@@ -6,6 +6,11 @@ Wan2.2 with two phases -> WanPipeline: phase 1 in ``transformer`` (high noise), 
 ``set_timesteps(N)`` is exactly the distilled timesteps (pdmd/export_layout.py). One phase -> WanPipeline
 with ``transformer`` only. Other phase counts -> ``experts/phaseK`` folders plus ``pdmd_export.json``,
 sampled by ``pdmd sample --export`` (docs/export.md). Megatron is imported only when a run is read.
+
+Image-conditioned runs (``data.conditioning``): i2v (Wan2.2 I2V-A14B) -> WanImageToVideoPipeline with
+``expand_timesteps`` false, ti2v (TI2V-5B) -> WanImageToVideoPipeline with ``expand_timesteps`` true; both
+without a CLIP image encoder. ``--verify`` then encodes a seeded test image with the VAE and hands the same
+image to the pipeline, which encodes it itself.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pdmd.export_layout import (
     EXPORT_INFO,
     ExportError,
     RunInfo,
+    check_conditioning,
     check_scheduler,
     choose_boundary_ratio,
     export_info,
@@ -88,10 +94,14 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
     dtype = parse_dtype(dtype_name)
     base = Path(args.base_pipeline) if args.base_pipeline else None
     _check_out(out)
+    for p in run.phases:
+        check_conditioning(run.conditioning, read_json(run.expert_folder(p.student_expert) / "config.json") or {},
+                           f"phase {p.index} (teacher {run.expert_folder(p.student_expert)})")
+    if args.verify and run.conditioning is not None:
+        verify_vae(run, base)  # before any work: the check encodes an image
     if args.lora_only and run.lora is None:
         raise ExportError("--lora-only: this run's students trained all parameters (student.lora is null), so there "
                           "are no adapters; export the merged pipeline instead (without --lora-only)")
-    wan_pipeline = is_wan_pipeline(k_count) or args.lora_only
     scheduler = flow_match_scheduler_config(run.plan.timesteps)
     sched_ts = check_scheduler(scheduler, run.plan.timesteps)
     ratio = choose_boundary_ratio(run.plan, sched_ts, run.teacher_boundary) if k_count == 2 else None
@@ -117,16 +127,7 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
             print(f"convert_to_diffusers: phase {p.index} -> "
                   f"{out / (lora_file(p.index) if args.lora_only else folders[p.index])}", flush=True)
     if _rank0():
-        write_scheduler(out, scheduler)
-        info = export_info(run, scheduler, ratio, lora_only=args.lora_only, dtype=dtype_name)
-        if not args.lora_only:
-            found = base_components(base if base is not None else run.teacher)
-            present = copy_components(found, out)
-            if wan_pipeline:
-                write_json(out / "model_index.json", model_index(read_json((base or run.teacher) / "model_index.json"),
-                                                                 k_count, ratio, present))
-            info["components"] = present
-        write_json(out / EXPORT_INFO, info)
+        info = write_pipeline_files(run, out, scheduler, ratio, base, lora_only=args.lora_only, dtype_name=dtype_name)
         print(f"convert_to_diffusers: wrote {out} ({info['kind']}; timesteps {[round(t * 1000, 3) for t in run.plan.timesteps]}"
               f", boundary_ratio {ratio})", flush=True)
     _barrier()
@@ -135,8 +136,63 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
     return verify(run, out, experts, args, dtype_name)
 
 
+def write_pipeline_files(run: RunInfo, out: Path, scheduler: dict, ratio: float | None, base: Path | None, *,
+                         lora_only: bool, dtype_name: str) -> dict:
+    """Everything but the transformers: scheduler, copied components, model_index.json (pipeline layouts)
+    and pdmd_export.json; returns the latter."""
+    k_count = run.plan.num_phases
+    write_scheduler(out, scheduler)
+    info = export_info(run, scheduler, ratio, lora_only=lora_only, dtype=dtype_name)
+    if not lora_only:
+        found = base_components(base if base is not None else run.teacher)
+        if run.conditioning is not None:  # Wan2.2 I2V/TI2V have no CLIP image encoder; nothing feeds one
+            found = {name: path for name, path in found.items() if not name.startswith("image_")}
+        present = copy_components(found, out)
+        if is_wan_pipeline(k_count):
+            write_json(out / "model_index.json", model_index(read_json((base or run.teacher) / "model_index.json"),
+                                                             k_count, ratio, present, run.conditioning))
+        info["components"] = present
+    write_json(out / EXPORT_INFO, info)
+    return info
+
+
+def verify_vae(run: RunInfo, base: Path | None) -> Path:
+    """The AutoencoderKLWan folder --verify encodes its test image with (the base's, else the teacher's)."""
+    for where in ([base] if base is not None else []) + [run.teacher]:
+        if (where / "vae" / "config.json").is_file():
+            return where / "vae"
+    raise ExportError(f"--verify of an image-conditioned ({run.conditioning}) run encodes a test image and needs the "
+                      "VAE: pass --base-pipeline DIR with vae/ (the teacher folder has none), or drop --verify")
+
+
+def seeded_image(height: int, width: int, seed: int):
+    """A seeded smooth RGB picture of exactly height x width (so the pipeline's own resize is the identity)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (max(height // 8, 2), max(width // 8, 2), 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.BILINEAR)
+
+
+def verify_condition(kind: str, vae_dir: Path, shape: tuple[int, ...], seed: int):
+    """(the test image, its Conditioning, the fp32 VAE) for latents of ``shape`` [B, C, T, h, w]."""
+    from data.conditioning import ConditionEncoder, load_vae
+    from data.images import Bucket
+    from pdmd.conditioning import Conditioning
+
+    vae, info = load_vae(vae_dir, device="cpu")
+    temporal, spatial = vae.config.scale_factor_temporal, vae.config.scale_factor_spatial
+    _, _, frames, h, w = shape
+    bucket = Bucket(h * spatial, w * spatial)
+    image = seeded_image(bucket.height, bucket.width, seed)
+    stored = ConditionEncoder(vae, kind, (frames - 1) * temporal + 1, vae_info=info).encode(image, bucket)
+    return image, Conditioning.from_batch({k: v[None] for k, v in stored.items()}), vae
+
+
 def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_name: str) -> tuple[float, float] | None:
-    """Our sampler (Megatron experts) vs the export loaded by diffusers, same noise and prompt embeddings."""
+    """Our sampler (Megatron experts) vs the export loaded by diffusers, same noise and prompt embeddings
+    (and, image-conditioned, the same seeded test image: ours encoded by ConditionEncoder, theirs by the pipeline)."""
     import json
 
     from pdmd.sample import euler_sample, initial_noise
@@ -145,23 +201,29 @@ def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_nam
     text_dim = json.loads((run.expert_folder(0) / "config.json").read_text()).get("text_dim", 4096)
     x = initial_noise(shape, args.seed)
     text = torch.randn(1, 16, text_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    image = cond = vae = None
+    if run.conditioning is not None:
+        base = Path(args.base_pipeline) if args.base_pipeline else None
+        image, cond, vae = verify_condition(run.conditioning, verify_vae(run, base), shape, args.seed + 2)
     dev = experts.backend.device
-    ours = euler_sample(experts.velocity, run.plan, x.to(dev), text.to(dev)).cpu()
+    ours = euler_sample(experts.velocity, run.plan, x.to(dev), text.to(dev), cond=cond).cpu()
     if not _rank0():
         return None
-    theirs = exported_latents(run, out, args, dtype_name, x, text)
+    theirs = exported_latents(run, out, args, dtype_name, x, text, image=image, cond=cond, vae=vae)
     err = ((theirs.double() - ours.double()).norm() / ours.double().norm()).item()
     tol = VERIFY_TOL[dtype_name]
-    print(f"convert_to_diffusers --verify: latents {list(shape)}, {run.plan.num_steps} steps: rel err {err:.3e} "
+    what = f", {run.conditioning} conditioning from a test image" if run.conditioning else ""
+    print(f"convert_to_diffusers --verify: latents {list(shape)}, {run.plan.num_steps} steps{what}: rel err {err:.3e} "
           f"(tolerance {tol:g}) {'PASS' if err <= tol else 'FAIL'}", flush=True)
     return err, tol
 
 
 def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_name: str, x: torch.Tensor,
-                     text: torch.Tensor) -> torch.Tensor:
-    """The export's own answer: WanPipeline.from_pretrained (or base + load_lora_weights), else our sampler
-    over the exported diffusers transformers (experts layout)."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+                     text: torch.Tensor, *, image=None, cond=None, vae=None) -> torch.Tensor:
+    """The export's own answer: WanPipeline / WanImageToVideoPipeline.from_pretrained (or base +
+    load_lora_weights) called with the noise, embeddings (and image), else our sampler over the exported
+    diffusers transformers (experts layout)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline, WanPipeline
 
     from pdmd.sample import ExportedExperts, euler_sample
 
@@ -169,7 +231,11 @@ def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_na
     k_count = run.plan.num_phases
     if not args.lora_only and not is_wan_pipeline(k_count):
         exported = ExportedExperts(out, dtype_name)
-        return euler_sample(exported.velocity, exported.plan, x, text)
+        return euler_sample(exported.velocity, exported.plan, x, text, cond=cond)
+    conditioned = run.conditioning is not None
+    cls = WanImageToVideoPipeline if conditioned else WanPipeline
+    # the pipeline encodes the image with an fp32 VAE (as Wan is run), whatever the transformers' dtype
+    parts = {"text_encoder": None, "tokenizer": None, "vae": vae if conditioned else None}
     if args.lora_only:
         folders = phase_folders(k_count)
         wrong = [p for p in run.phases if not is_wan_pipeline(k_count) or run.subfolders[p.student_expert] != folders[p.index]]
@@ -179,17 +245,22 @@ def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_na
                               "which WanPipeline does not run for that phase: load them with our sampler, or export "
                               "the merged pipeline (without --lora-only)")
         base = Path(args.base_pipeline) if args.base_pipeline else run.teacher
-        pipe = WanPipeline.from_pretrained(base, text_encoder=None, tokenizer=None, vae=None, **dtype_kwarg(dtype),
-                                           scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
-                                           boundary_ratio=read_json(out / EXPORT_INFO)["boundary_ratio"])
+        if conditioned:
+            parts.update(expand_timesteps=run.conditioning == "ti2v", image_encoder=None, image_processor=None)
+        pipe = cls.from_pretrained(base, **parts, **dtype_kwarg(dtype),
+                                   scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
+                                   boundary_ratio=read_json(out / EXPORT_INFO)["boundary_ratio"])
         for p in run.phases:
             pipe.load_lora_weights(str(out), weight_name=lora_file(p.index), adapter_name=f"phase{p.index}",
                                    load_into_transformer_2=p.index == 2)
     else:
-        pipe = WanPipeline.from_pretrained(out, text_encoder=None, tokenizer=None, vae=None, **dtype_kwarg(dtype))
+        pipe = cls.from_pretrained(out, **parts, **dtype_kwarg(dtype))
     _, _, f, h, w = x.shape
+    temporal, spatial = (vae.config.scale_factor_temporal, vae.config.scale_factor_spatial) if conditioned else (4, 8)
+    extra = {"image": image} if conditioned else {}
     result = pipe(prompt_embeds=text, latents=x, num_inference_steps=run.plan.num_steps, guidance_scale=1.0,
-                  height=h * 8, width=w * 8, num_frames=(f - 1) * 4 + 1, output_type="latent", return_dict=False)[0]
+                  height=h * spatial, width=w * spatial, num_frames=(f - 1) * temporal + 1, output_type="latent",
+                  return_dict=False, **extra)[0]
     return result.float()
 
 

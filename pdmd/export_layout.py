@@ -29,6 +29,8 @@ SCHEDULE_TOL = 1e-6  # float32 sigmas of the scheduler vs our float64 timesteps
 # copied from the base pipeline when it has them (image_* only in Wan I2V pipelines)
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
+CONDITIONING_KINDS = ("i2v", "ti2v")  # pdmd/conditioning.py's KINDS (kept import-free here)
+MASK_CHANNELS = 4  # I2V's mask channels: the 4 pixel frames a latent frame stands for (every Wan VAE)
 
 
 class ExportError(ValueError):
@@ -62,6 +64,11 @@ class RunInfo:
     @property
     def teacher_boundary(self) -> float | None:
         return self.config["model"]["teacher"].get("boundary")
+
+    @property
+    def conditioning(self) -> str | None:
+        """``data.conditioning`` of the run: ``i2v`` / ``ti2v``, or None for a text-only run."""
+        return conditioning_kind((self.config.get("data") or {}).get("conditioning"))
 
     def expert_folder(self, e: int) -> Path:
         """The teacher's diffusers transformer folder of expert ``e`` (its config.json is the architecture)."""
@@ -102,6 +109,31 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
                                 run.path / ckpts[0] if ckpts else None, int(entry["step"])))
     return RunInfo(run.path, config, plan, tuple(phases), _teacher_path(config, run.path, teacher),
                    tuple(config["model"]["teacher"]["subfolders"]))
+
+
+def conditioning_kind(value: str | None) -> str | None:
+    """A recorded conditioning (``i2v`` / ``ti2v``; None, ``none`` or empty for text only), checked."""
+    if value in (None, "", "none"):
+        return None
+    if value not in CONDITIONING_KINDS:
+        raise ExportError(f"conditioning {value!r} is not one of {CONDITIONING_KINDS} (or none)")
+    return value
+
+
+def check_conditioning(kind: str | None, config: dict[str, Any], what: str) -> None:
+    """The transformer config must read what the conditioning feeds it: I2V cat([x, mask, image latents])
+    (in = 2 out + 4), TI2V and text only x itself (in = out); no CLIP image embeddings (Wan2.1 I2V)."""
+    c_in = int(config["in_channels"])
+    c_out = int(config.get("out_channels") or c_in)
+    if config.get("image_dim") is not None:
+        raise ExportError(f"{what}: the transformer takes CLIP image embeddings (image_dim {config['image_dim']}, "
+                          "Wan2.1 I2V): not supported; Wan2.2 I2V-A14B and TI2V-5B have none")
+    want = 2 * c_out + MASK_CHANNELS if kind == "i2v" else c_out
+    if c_in != want:
+        has = "text only" if kind is None else kind
+        raise ExportError(f"{what}: the transformer reads {c_in} channels and writes {c_out}, which does not fit "
+                          f"{has} conditioning (that needs in_channels {want}); the run's data.conditioning "
+                          "(i2v: Wan2.2 I2V-A14B, ti2v: TI2V-5B) must match its teacher")
 
 
 def _teacher_path(config: dict[str, Any], run_path: Path, override: str | Path | None) -> Path:
@@ -241,6 +273,8 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float |
         "boundary_ratio": boundary_ratio,
         "scheduler": {"_class_name": SCHEDULER_CLASS, **scheduler},
         "dtype": dtype,
+        "conditioning": run.conditioning,
+        "pipeline_class": pipeline_class(run.conditioning) if is_wan_pipeline(run.plan.num_phases) else None,
         "phases": [{
             "index": p.index,
             "steps": list(run.plan.steps_in_phase(p.index)),
@@ -252,15 +286,26 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float |
     }
 
 
+def pipeline_class(conditioning: str | None, base_class: str | None = None) -> str:
+    """The diffusers pipeline an export loads in: WanImageToVideoPipeline for image-conditioned runs (its
+    ``expand_timesteps`` says i2v or ti2v), else the base's Wan class, else WanPipeline."""
+    if conditioning is not None:
+        return "WanImageToVideoPipeline"
+    return base_class if base_class in PIPELINE_CLASSES else "WanPipeline"
+
+
 def model_index(base_index: dict[str, Any] | None, num_phases: int, boundary_ratio: float | None,
-                present: Sequence[str]) -> dict[str, Any]:
-    """A WanPipeline model_index.json: the base pipeline's entries for the copied parts, ours for the rest."""
+                present: Sequence[str], conditioning: str | None = None) -> dict[str, Any]:
+    """A WanPipeline / WanImageToVideoPipeline model_index.json: the base pipeline's entries for the copied
+    parts, ours for the rest. Image-conditioned: WanImageToVideoPipeline, ``expand_timesteps`` true for ti2v
+    only, and no CLIP image encoder/processor (null entries, as Wan2.2 I2V-A14B's own model_index)."""
     import diffusers
 
     base = base_index or {}
-    cls = base.get("_class_name") if base.get("_class_name") in PIPELINE_CLASSES else "WanPipeline"
-    index: dict[str, Any] = {"_class_name": cls, "_diffusers_version": diffusers.__version__,
-                             "boundary_ratio": boundary_ratio, "expand_timesteps": bool(base.get("expand_timesteps", False)),
+    expand = conditioning == "ti2v" if conditioning is not None else bool(base.get("expand_timesteps", False))
+    index: dict[str, Any] = {"_class_name": pipeline_class(conditioning, base.get("_class_name")),
+                             "_diffusers_version": diffusers.__version__,
+                             "boundary_ratio": boundary_ratio, "expand_timesteps": expand,
                              "scheduler": ["diffusers", SCHEDULER_CLASS],
                              "transformer": ["diffusers", "WanTransformer3DModel"],
                              "transformer_2": ["diffusers", "WanTransformer3DModel"] if num_phases == 2 else [None, None]}
@@ -269,7 +314,7 @@ def model_index(base_index: dict[str, Any] | None, num_phases: int, boundary_rat
     for name in COMPONENTS:
         if name in present:
             index[name] = base.get(name) or defaults[name]
-        elif name in defaults or name in base:
+        elif name in defaults or name in base or conditioning is not None:
             index[name] = [None, None]
     return index
 

@@ -8,6 +8,11 @@ precomputed ``prompt_embeds`` [B, L, D] (``--embeds``) or as text through the UM
 zeros to 512 tokens as WanPipeline does. Initial noise is ``--latents`` or drawn from ``--seed`` exactly
 as WanPipeline draws it with ``generator=torch.Generator("cpu").manual_seed(seed)``.
 Writes ``--out`` (safetensors, key ``latents``) and, with a VAE, decoded PNG (one frame) / GIF / MP4 files.
+
+Image-conditioned runs (``data.conditioning`` i2v / ti2v, pdmd/conditioning.py) take ``--image`` (encoded by
+data/conditioning.py's ConditionEncoder, exactly as WanImageToVideoPipeline.prepare_latents does) or ``--cond``
+(the stored tensors); the sampler then feeds ``cond.model_input`` with per-token timesteps and restores the
+given first frame (ti2v) after every step, as the trainer's rollout and the pipeline do.
 """
 
 from __future__ import annotations
@@ -20,11 +25,14 @@ from pathlib import Path
 
 import torch
 
+from pdmd.conditioning import Conditioning
 from pdmd.export_files import dtype_kwarg
-from pdmd.export_layout import EXPORT_INFO, ExportError
+from pdmd.export_layout import EXPORT_INFO, ExportError, check_conditioning, conditioning_kind
 from pdmd.schedule import PhasePlan
 
-Velocity = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (phase, x, t [B], text) -> v
+# (phase, x, t [B], text[, cond]) -> v. The callable applies ``cond`` itself (model input, per-token
+# timesteps: it knows its patch size); euler_sample passes it only when there is one.
+Velocity = Callable[..., torch.Tensor]
 WAN_SCALE = (4, 8)  # WanPipeline's temporal / spatial VAE factors when it has no VAE
 
 
@@ -54,26 +62,47 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="--export only: the transformers' dtype")
+    p.add_argument("--image", help="i2v/ti2v runs: the conditioning image, crop-resized to --height/--width (default: "
+                   "the latent shape x the VAE's factor) and encoded as WanImageToVideoPipeline does, by --vae (default: the "
+                   "export's or the run teacher's vae/)")
+    p.add_argument("--cond", help="i2v/ti2v runs: safetensors with the stored conditioning tensors instead of --image "
+                   "(cond_latents + cond_mask, or first_frame_latents + first_frame_mask; [B, ...] or one sample)")
 
 
 # --- the sampler -----------------------------------------------------------------------------------
 @torch.no_grad()
 def euler_sample(velocity: Velocity, plan: PhasePlan, x: torch.Tensor, text: torch.Tensor,
-                 negative: torch.Tensor | None = None, guidance: float = 1.0) -> torch.Tensor:
-    """Our sampler: the trainer's rollout (pdmd/method.py) run to t = 0, CFG as WanPipeline does it (g > 1)."""
+                 negative: torch.Tensor | None = None, guidance: float = 1.0,
+                 cond: Conditioning | None = None) -> torch.Tensor:
+    """Our sampler: the trainer's rollout (pdmd/method.py) run to t = 0, CFG as WanPipeline does it (g > 1).
+
+    With ``cond`` (image conditioning) every velocity call gets it (the negative pass too: the pipelines
+    keep the image in the unconditional pass) and ``cond.clamp`` restores the given part after every step,
+    so a TI2V first frame is exactly the image latent throughout and at the end."""
     if guidance > 1.0 and negative is None:
         raise ValueError("guidance > 1 needs negative prompt embeddings")
     times = [*plan.timesteps, 0.0]
     x = x.float()
+    extra: tuple[Conditioning, ...] = ()
+    if cond is not None:
+        cond = to_device(cond.expand(x.shape[0]), x.device)
+        x, extra = cond.clamp(x), (cond,)
     for i in range(plan.num_steps):
         k = plan.phase_of_step(i)
         t = torch.full((x.shape[0],), times[i], device=x.device)
-        v = velocity(k, x, t, text)
+        v = velocity(k, x, t, text, *extra)
         if guidance > 1.0:
-            v_neg = velocity(k, x, t, negative)
+            v_neg = velocity(k, x, t, negative, *extra)
             v = v_neg + guidance * (v - v_neg)
         x = x + (times[i + 1] - times[i]) * v.float()
+        if cond is not None:
+            x = cond.clamp(x)
     return x
+
+
+def to_device(cond: Conditioning, device: torch.device | str) -> Conditioning:
+    return Conditioning(cond.kind, cond.latents.to(device),
+                        None if cond.mask is None else cond.mask.to(device))
 
 
 def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -92,13 +121,54 @@ def pad_embeds(embeds: list[torch.Tensor], max_length: int) -> torch.Tensor:
     return out.float()
 
 
-# --- experts from an export folder -------------------------------------------------------------------
-class ExportedExperts:
+# --- diffusers experts ---------------------------------------------------------------------------------
+def diffusers_velocity(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, dtype: torch.dtype,
+                       cond: Conditioning | None = None) -> torch.Tensor:
+    """v of a diffusers WanTransformer3DModel fed ``1000 t``, with the inputs WanImageToVideoPipeline builds
+    for a conditioning (i2v: channels cat; ti2v: first frame replaced, per-token timesteps [B, S])."""
+    ts = t * 1000.0
+    if cond is not None:
+        x, ts = cond.model_input(x), cond.timesteps(ts, tuple(model.config.patch_size))
+    return model(x.to(dtype), ts, text.to(dtype), return_dict=False)[0].float()
+
+
+class DiffusersExperts:
+    """Phase k's diffusers WanTransformer3DModel per phase: an export's students, or a teacher folder's
+    experts (:meth:`from_folders`) for checking the sampler against the pipelines themselves."""
+
+    def __init__(self, models: dict, plan: PhasePlan, dtype: torch.dtype = torch.float32,
+                 conditioning: str | None = None) -> None:
+        self.models, self.plan, self.dtype, self.conditioning = models, plan, dtype, conditioning
+
+    @classmethod
+    def from_folders(cls, folders: dict[int, str | Path], plan: PhasePlan, dtype: torch.dtype = torch.float32,
+                     conditioning: str | None = None) -> DiffusersExperts:
+        from diffusers import WanTransformer3DModel
+
+        models = {k: WanTransformer3DModel.from_pretrained(f, **dtype_kwarg(dtype)).eval() for k, f in folders.items()}
+        return cls(models, plan, dtype, conditioning)
+
+    def config(self) -> dict:
+        return dict(self.models[min(self.models)].config)
+
+    def in_channels(self) -> int:
+        return int(self.config()["in_channels"])
+
+    def latent_channels(self) -> int:
+        """Channels of the generated latents (the noise): out_channels (I2V reads more than it makes)."""
+        cfg = self.config()
+        return int(cfg.get("out_channels") or cfg["in_channels"])
+
+    @torch.no_grad()
+    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                 cond: Conditioning | None = None) -> torch.Tensor:
+        return diffusers_velocity(self.models[k], x, t, text, self.dtype, cond)
+
+
+class ExportedExperts(DiffusersExperts):
     """Phase k's diffusers WanTransformer3DModel from an export folder (``pdmd_export.json`` says where)."""
 
     def __init__(self, folder: str | Path, dtype: str | None = None) -> None:
-        from diffusers import WanTransformer3DModel
-
         self.folder = Path(folder)
         info_path = self.folder / EXPORT_INFO
         if not info_path.is_file():
@@ -108,19 +178,11 @@ class ExportedExperts:
         if self.info["kind"] == "lora":
             raise ExportError(f"--export {self.folder} holds LoRA files only: load them into the base pipeline "
                               "(docs/export.md), or sample the run with --run")
-        self.plan = PhasePlan(tuple(self.info["timesteps"]), tuple(self.info["boundaries"]))
-        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or self.info.get("dtype", "fp32")]
-        self.models = {p["index"]: WanTransformer3DModel.from_pretrained(self.folder / p["folder"],
-                                                                         **dtype_kwarg(self.dtype)).eval()
-                       for p in self.info["phases"]}
-
-    def in_channels(self) -> int:
-        return int(self.models[1].config.in_channels)
-
-    @torch.no_grad()
-    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        m = self.models[k]
-        return m(x.to(self.dtype), t * 1000.0, text.to(self.dtype), return_dict=False)[0].float()
+        plan = PhasePlan(tuple(self.info["timesteps"]), tuple(self.info["boundaries"]))
+        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or self.info.get("dtype", "fp32")]
+        built = DiffusersExperts.from_folders({p["index"]: self.folder / p["folder"] for p in self.info["phases"]},
+                                              plan, torch_dtype)
+        super().__init__(built.models, plan, torch_dtype, conditioning_kind(self.info.get("conditioning")))
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -224,33 +286,119 @@ def save_media(frames, out: Path, video_format: str) -> list[Path]:
     return written
 
 
+# --- image conditioning ---------------------------------------------------------------------------------
+def vae_scale(vae_dir: Path | None) -> tuple[int, int]:
+    """(temporal, spatial) factors of an AutoencoderKLWan folder; WanPipeline's defaults without one."""
+    if vae_dir is None:
+        return WAN_SCALE
+    cfg = json.loads((vae_dir / "config.json").read_text())
+    return cfg.get("scale_factor_temporal", 4), cfg.get("scale_factor_spatial", 8)
+
+
+def read_cond(path: str | Path, kind: str) -> Conditioning:
+    """--cond: the stored conditioning tensors (data/format.py's COND_KEYS, one sample or a batch)."""
+    from data.format import COND_KEYS
+
+    data = read_tensors(path, "--cond")
+    held = [k for k, keys in COND_KEYS.items() if all(key in data for key in keys)]
+    if not held:
+        want = " or ".join(f"{' + '.join(keys)} ({k})" for k, keys in COND_KEYS.items())
+        raise ExportError(f"--cond {path} must hold {want}; it has {sorted(data)}")
+    if held[0] != kind:
+        raise ExportError(f"--cond {path} holds {held[0]} conditioning, but this model is {kind}")
+    batch = {key: data[key] if data[key].dim() == 5 else data[key][None] for key in COND_KEYS[kind]}
+    if any(v.dim() != 5 for v in batch.values()) or len({v.shape[0] for v in batch.values()}) != 1:
+        raise ExportError(f"--cond {path}: {', '.join(f'{k} {list(data[k].shape)}' for k in COND_KEYS[kind])} are not "
+                          "[C, T, h, w] (one sample) or [B, C, T, h, w] with the same B")
+    return Conditioning.from_batch(batch)
+
+
+def encode_image(path: str | Path, vae_dir: Path, kind: str, height: int, width: int, num_frames: int) -> Conditioning:
+    """--image through data/conditioning.py's ConditionEncoder: diffusers' crop-resize to height x width and
+    the VAE encoding of WanImageToVideoPipeline.prepare_latents, bit for bit what the shards store."""
+    from data.conditioning import ConditionEncoder, load_vae
+    from data.images import Bucket, load_rgb
+
+    if not Path(path).is_file():
+        raise ExportError(f"--image {path}: no such file")
+    try:
+        image = load_rgb(Path(path))
+    except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
+        raise ExportError(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from exc
+    try:
+        vae, info = load_vae(vae_dir)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"--image needs the VAE: {exc}") from exc
+    bucket = Bucket(height, width)
+    try:
+        encoder = ConditionEncoder(vae, kind, num_frames, vae_info=info)
+        encoder.check_buckets([bucket])
+    except ValueError as exc:
+        raise ExportError(f"--image at {height}x{width}, {num_frames} frames: {exc}") from exc
+    stored = encoder.encode(image, bucket)
+    return Conditioning.from_batch({k: v[None] for k, v in stored.items()})
+
+
+def conditioning_source(args: argparse.Namespace, kind: str | None, default_vae: Path | None) -> Path | None:
+    """Check --image/--cond against the model's conditioning; the VAE folder that will encode --image."""
+    if args.image and args.cond:
+        raise ExportError("give --image or --cond, not both")
+    if kind is None:
+        if args.image or args.cond:
+            raise ExportError("--image/--cond: this model is text-to-video (its run records no data.conditioning)")
+        return None
+    if not (args.image or args.cond):
+        raise ExportError(f"this model is image-conditioned ({kind}): give --image PATH (encoded with the VAE of "
+                          "--vae, else the export's/teacher's vae/) or --cond FILE (stored conditioning tensors)")
+    if not args.image:
+        return None
+    where = args.vae or default_vae
+    if where is None or not ((Path(where) / "vae" / "config.json").is_file() or (Path(where) / "config.json").is_file()):
+        raise ExportError(f"--image needs the VAE that encodes it: pass --vae DIR (an AutoencoderKLWan folder or a "
+                          f"pipeline folder with vae/){'' if where is None else f'; {where} has none'}")
+    return vae_folder(where)
+
+
+def check_cond_shape(cond: Conditioning, x: torch.Tensor) -> Conditioning:
+    if len(cond) not in (1, x.shape[0]):
+        raise ExportError(f"{len(cond)} conditionings for {x.shape[0]} samples: give one, or one per sample")
+    want = cond.latent_shape(x.shape[1])
+    if tuple(x.shape[1:]) != tuple(want):
+        raise ExportError(f"the latents are {list(x.shape[1:])} but the conditioning is for {list(want)}: give "
+                          "--latents/--height/--width/--num-frames of the conditioning's size")
+    return cond.expand(x.shape[0])
+
+
 # --- the command ---------------------------------------------------------------------------------------
 def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str]]:
     """Run the sampler as asked; returns (latents on rank 0 else None, metadata for the output file)."""
     if args.export:
         experts = ExportedExperts(args.export, args.dtype)
         plan, velocity, default_shape = experts.plan, experts.velocity, None
-        channels, encoder = experts.in_channels(), Path(args.export)
+        channels, encoder, kind = experts.latent_channels(), Path(args.export), experts.conditioning
         source = {"export": str(Path(args.export).resolve())}
+        check_conditioning(kind, experts.config(), f"--export {args.export}")
     else:
         from megatron_adapters.export import RunExperts
         from pdmd.export_layout import read_run
 
         run = read_run(args.run, args.teacher, check_hashes=False)
         plan, default_shape = run.plan, list(run.config["train"]["latent_shape"])
-        channels = json.loads((run.expert_folder(0) / "config.json").read_text()).get("in_channels", 16)
-        encoder = run.teacher
+        expert_cfg = json.loads((run.expert_folder(0) / "config.json").read_text())
+        channels = int(expert_cfg.get("out_channels") or expert_cfg.get("in_channels", 16))
+        encoder, kind = run.teacher, run.conditioning
         source = {"run": str(run.path.resolve())}
+        check_conditioning(kind, expert_cfg, f"--run {args.run}")
+    cond_vae = conditioning_source(args, kind, encoder)
     text, negative = prompt_inputs(args, encoder)
-    vae = vae_folder(args.vae)
-    scale = WAN_SCALE
-    if vae is not None:
-        cfg = json.loads((vae / "config.json").read_text())
-        scale = (cfg.get("scale_factor_temporal", 4), cfg.get("scale_factor_spatial", 8))
+    scale = vae_scale(cond_vae or vae_folder(args.vae))
+    cond = read_cond(args.cond, kind) if args.cond else None
     if args.latents:
         x = read_tensors(args.latents, "--latents").get("latents")
         if x is None or x.dim() != 5:
             raise ExportError(f"--latents {args.latents} must hold latents [B, C, F, H, W]")
+    elif cond is not None and all(v is None for v in (args.height, args.width, args.num_frames)):
+        x = initial_noise((text.shape[0], *cond.latent_shape(channels)), args.seed)
     else:
         if default_shape is None and args.height is None:
             raise ExportError("--export without --latents needs --height, --width and --num-frames")
@@ -259,14 +407,22 @@ def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str
         raise ExportError(f"{x.shape[0]} initial latents but {text.shape[0]} prompt embeddings: give one per prompt")
     if x.shape[1] != channels:
         raise ExportError(f"latents have {x.shape[1]} channels, the model takes {channels}")
+    if args.image:
+        temporal, spatial = scale
+        frames, h, w = x.shape[2:]
+        cond = encode_image(args.image, cond_vae, kind, args.height or h * spatial, args.width or w * spatial,
+                            args.num_frames or (frames - 1) * temporal + 1)
+    if cond is not None:
+        cond = check_cond_shape(cond, x)
     if not args.export:
         experts = RunExperts(run, tp=args.tp, pp=args.pp, cp=args.cp, latent_shape=tuple(x.shape[1:]))
         velocity = experts.velocity
         x, text = x.to(experts.backend.device), text.to(experts.backend.device)
         negative = negative.to(experts.backend.device) if negative is not None else None
-    latents = euler_sample(velocity, plan, x, text, negative, args.guidance_scale).cpu()
+    latents = euler_sample(velocity, plan, x, text, negative, args.guidance_scale, cond).cpu()
     meta = {**source, "timesteps": json.dumps(list(plan.timesteps)), "guidance_scale": str(args.guidance_scale),
-            "seed": "" if args.latents else str(args.seed)}
+            "seed": "" if args.latents else str(args.seed), "conditioning": kind or "",
+            "image": str(args.image or ""), "cond": str(args.cond or "")}
     import torch.distributed as dist
 
     return (latents if not dist.is_initialized() or dist.get_rank() == 0 else None), meta

@@ -72,6 +72,54 @@ def write_base_pipeline(out: Path) -> Path:
     return out
 
 
+def tiny_vae_ti2v(seed: int = 0):
+    """A tiny Wan2.2-style residual AutoencoderKLWan (16x spatial with a 2x2 patch, as TI2V-5B's VAE)."""
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=4, is_residual=True, in_channels=12,
+                            out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.05, 0.0],
+                            latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
+
+
+def write_image_pipeline(out: Path, kind: str = "i2v", seed: int = 0) -> Path:
+    """A complete tiny WanImageToVideoPipeline folder shaped like the released models, as a teacher.
+
+    ``i2v`` (Wan2.2 I2V-A14B): two experts reading cat([x, mask, image latents]) (in 4 + 4 + 4 = 12, out 4),
+    boundary_ratio 0.9, expand_timesteps false, the 8x tiny VAE. ``ti2v`` (TI2V-5B): one transformer
+    (in = out = 4), expand_timesteps true, the 16x residual VAE. No CLIP image encoder (image_dim None)."""
+    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
+
+    from data.tiny_encoders import UMT5_DIM, tiny_parts
+    from pdmd.tiny_models import TINY_WAN
+
+    cfg = {**TINY_WAN, "text_dim": UMT5_DIM, "in_channels": 12 if kind == "i2v" else 4, "out_channels": 4}
+    experts = []
+    for i in range(2 if kind == "i2v" else 1):
+        torch.manual_seed(seed + i)
+        experts.append(WanTransformer3DModel(**cfg).eval())
+    tokenizer, text_encoder = tiny_parts("umt5")
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae() if kind == "i2v" else tiny_vae_ti2v(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0),
+        transformer=experts[0], transformer_2=experts[1] if kind == "i2v" else None,
+        boundary_ratio=0.9 if kind == "i2v" else None, expand_timesteps=kind == "ti2v")
+    pipe.save_pretrained(out)
+    return out
+
+
+def write_test_image(path: Path, width: int = 90, height: int = 70, seed: int = 0) -> Path:
+    """A smooth random RGB picture, not of any bucket's size (the crop-resize is exercised)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path)
+    return path
+
+
 def _train(root: Path, name: str, extra: list[str]) -> None:
     from data.encoders import load_prompt_encoder
     from data.prompts import PromptList, demo_prompts_path, read_prompts
@@ -138,6 +186,97 @@ def build(root: Path) -> None:
     results = {name: _call(argv[0], argv[1:]) for name, argv in cases(root).items()}
     results["_timings"] = timings
     (root / "results.json").write_text(json.dumps(results, indent=2))
+
+
+# configs/tiny_wan22_{i2v,ti2v}.yaml's latent shape [4, 2, 4, 4]: 5 frames of 32 x 32 pixels (8x VAE) for I2V,
+# 64 x 64 (16x VAE) for TI2V
+IMAGE_RUN_PIXELS = {"i2v": 32, "ti2v": 64}
+
+
+def image_run_cases(root: Path, kind: str) -> dict[str, list[str]]:
+    """name -> argv for a tiny image-conditioned run (:func:`build_image_run`)."""
+    r = str(root / "run")
+    data = ["--embeds", str(root / "embeds.safetensors"), "--latents", str(root / "latents.safetensors")]
+    cases = {
+        "export": ["convert", "--run", r, "--out", str(root / "export"), "--verify"],
+        "sample_image": ["sample", "--run", r, *data, "--image", str(root / "image.png"),
+                         "--out", str(root / "s_image.safetensors")],
+        "sample_cond": ["sample", "--run", r, *data, "--cond", str(root / "cond.safetensors"),
+                        "--out", str(root / "s_cond.safetensors")],
+        "sample_cfg": ["sample", "--run", r, *data, "--image", str(root / "image.png"), "--guidance-scale", "3",
+                       "--out", str(root / "s_cfg.safetensors")],
+    }
+    if kind == "i2v":  # TI2V's two phases share one teacher transformer: no WanPipeline slot for phase 2's adapters
+        cases["export_lora"] = ["convert", "--run", r, "--out", str(root / "export_lora"), "--lora-only", "--verify"]
+    return cases
+
+
+def build_image_run(root: Path, kind: str) -> None:
+    """A tiny image-conditioned two-phase run (configs/tiny_wan22_{kind}.yaml) from image shards, its exports
+    and samples: ``base/`` (a whole tiny WanImageToVideoPipeline, the teacher), ``shards/``, ``run/``, the
+    cases of :func:`image_run_cases` and ``results.json``."""
+    from safetensors.torch import save_file
+
+    from data.conditioning import ConditionEncoder, load_vae
+    from data.images import Bucket, load_rgb
+    from pdmd.config import load_config
+    from pdmd.train import train
+    from tools.make_prompt_shards import main as make_shards
+
+    torch.set_num_threads(1)
+    root.mkdir(parents=True, exist_ok=True)
+    base = write_image_pipeline(root / "base", kind)
+    side = IMAGE_RUN_PIXELS[kind]
+    rows = []
+    for i, (w, h) in enumerate([(40, 40), (70, 34), (36, 36), (64, 32)]):
+        write_test_image(root / "images" / f"{i}.png", w * side // 32, h * side // 32, seed=10 + i)
+        rows.append({"prompt": f"a moving picture number {i}", "image": f"{i}.png"})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    buckets = f"{side}x{side},{side}x{2 * side}" if kind == "i2v" else f"{side}x{side}"
+    if make_shards(["--out", str(root / "shards"), "--encoder", "umt5", "--encoder-path", str(base), "--max-length", "32",
+                    "--dtype", "fp32", "--samples-per-shard", "2", "--no-progress", "--conditioning", kind,
+                    "--buckets", buckets, "--num-frames", "5", "--device", "cpu", "--vae", str(base),
+                    "--prompts", str(root / "pairs.jsonl"), "--images", str(root / "images")]) != 0:
+        raise RuntimeError(f"writing the {kind} shards failed")
+    cfg = load_config(ROOT / "configs" / f"tiny_wan22_{kind}.yaml", [
+        f"model.teacher.path={base}", f"data.shards={root / 'shards'}", "train.steps=1", "train.checkpoint_every=1",
+        "method.fake_ratio=1", "student.lr=0.01", "wandb.mode=disabled"])
+    tic = time.perf_counter()
+    if train(cfg, str(root / "run")) != 0:
+        raise RuntimeError(f"training the tiny {kind} run failed")
+    timings = {"train": round(time.perf_counter() - tic, 2)}
+    g = torch.Generator().manual_seed(1)
+    save_file({"prompt_embeds": torch.randn(2, 16, 24, generator=g),
+               "negative_prompt_embeds": torch.randn(2, 16, 24, generator=g)}, str(root / "embeds.safetensors"))
+    save_file({"latents": torch.randn(2, *cfg.train.latent_shape, generator=g)}, str(root / "latents.safetensors"))
+    image = write_test_image(root / "image.png", 90, 70, seed=3)
+    vae, _ = load_vae(base, device="cpu")
+    stored = ConditionEncoder(vae, kind, 5).encode(load_rgb(image), Bucket(side, side))
+    save_file(stored, str(root / "cond.safetensors"))
+    results = {name: _call(argv[0], argv[1:]) for name, argv in image_run_cases(root, kind).items()}
+    results["_timings"] = timings
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """kind -> the built tiny I2V and TI2V runs (:func:`build_image_run`; once per pytest session, one
+    subprocess for both: Megatron is imported once)."""
+    from tests.multirank import free_port
+
+    root = tmp_path_factory.getbasetemp() / "pdmd_tiny_image_runs"
+    kinds = ("i2v", "ti2v")
+    if not all((root / k / "results.json").is_file() for k in kinds):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+            env.pop(key, None)
+        code = ("from pathlib import Path; from tests.tiny_run import build_image_run\n"
+                f"for kind in {kinds!r}: build_image_run(Path({str(root)!r}) / kind, kind)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
+                              cwd=ROOT)
+        if proc.returncode != 0:
+            raise RuntimeError(f"building the tiny image runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return {k: (root / k, json.loads((root / k / "results.json").read_text())) for k in kinds}
 
 
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:

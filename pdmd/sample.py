@@ -313,7 +313,8 @@ def read_cond(path: str | Path, kind: str) -> Conditioning:
     return Conditioning.from_batch(batch)
 
 
-def encode_image(path: str | Path, vae_dir: Path, kind: str, height: int, width: int, num_frames: int) -> Conditioning:
+def encode_image(path: str | Path, vae_dir: Path, kind: str, height: int, width: int, num_frames: int,
+                 device: torch.device | str | None = None) -> Conditioning:
     """--image through data/conditioning.py's ConditionEncoder: diffusers' crop-resize to height x width and
     the VAE encoding of WanImageToVideoPipeline.prepare_latents, bit for bit what the shards store."""
     from data.conditioning import ConditionEncoder, load_vae
@@ -326,7 +327,7 @@ def encode_image(path: str | Path, vae_dir: Path, kind: str, height: int, width:
     except Exception as exc:  # noqa: BLE001 - PIL raises many kinds
         raise ExportError(f"--image {path}: cannot read it as an image ({type(exc).__name__}: {exc})") from exc
     try:
-        vae, info = load_vae(vae_dir)
+        vae, info = load_vae(vae_dir, device=None if device is None else str(device))
     except (OSError, ValueError) as exc:
         raise ExportError(f"--image needs the VAE: {exc}") from exc
     bucket = Bucket(height, width)
@@ -352,6 +353,8 @@ def conditioning_source(args: argparse.Namespace, kind: str | None, default_vae:
                           "--vae, else the export's/teacher's vae/) or --cond FILE (stored conditioning tensors)")
     if not args.image:
         return None
+    if not Path(args.image).is_file():
+        raise ExportError(f"--image {args.image}: no such file")
     where = args.vae or default_vae
     if where is None or not ((Path(where) / "vae" / "config.json").is_file() or (Path(where) / "config.json").is_file()):
         raise ExportError(f"--image needs the VAE that encodes it: pass --vae DIR (an AutoencoderKLWan folder or a "
@@ -407,18 +410,19 @@ def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str
         raise ExportError(f"{x.shape[0]} initial latents but {text.shape[0]} prompt embeddings: give one per prompt")
     if x.shape[1] != channels:
         raise ExportError(f"latents have {x.shape[1]} channels, the model takes {channels}")
-    if args.image:
+    device = None
+    if not args.export:
+        experts = RunExperts(run, tp=args.tp, pp=args.pp, cp=args.cp, latent_shape=tuple(x.shape[1:]))
+        velocity, device = experts.velocity, experts.backend.device
+        x, text = x.to(device), text.to(device)
+        negative = negative.to(device) if negative is not None else None
+    if args.image:  # after the backend: under torchrun each rank encodes on its own device
         temporal, spatial = scale
         frames, h, w = x.shape[2:]
         cond = encode_image(args.image, cond_vae, kind, args.height or h * spatial, args.width or w * spatial,
-                            args.num_frames or (frames - 1) * temporal + 1)
+                            args.num_frames or (frames - 1) * temporal + 1, device=device)
     if cond is not None:
         cond = check_cond_shape(cond, x)
-    if not args.export:
-        experts = RunExperts(run, tp=args.tp, pp=args.pp, cp=args.cp, latent_shape=tuple(x.shape[1:]))
-        velocity = experts.velocity
-        x, text = x.to(experts.backend.device), text.to(experts.backend.device)
-        negative = negative.to(experts.backend.device) if negative is not None else None
     latents = euler_sample(velocity, plan, x, text, negative, args.guidance_scale, cond).cpu()
     meta = {**source, "timesteps": json.dumps(list(plan.timesteps)), "guidance_scale": str(args.guidance_scale),
             "seed": "" if args.latents else str(args.seed), "conditioning": kind or "",

@@ -145,7 +145,10 @@ class MegatronWanBackend:
         validate_layout(layout, dist.get_world_size(), num_heads=self.wan[0].num_attention_heads,
                         num_layers=self.wan[0].num_layers, seq_len=self.tokens)
         self.dtype = DTYPES[cfg.model.dtype]
-        self.tconfig = transformer_config(self.wan[0], self.ctx.model_parallel_kwargs(), params_dtype=self.dtype)
+        recompute = ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+                     if cfg.model.recompute == "full" else {})
+        self.tconfig = transformer_config(self.wan[0], self.ctx.model_parallel_kwargs(), params_dtype=self.dtype,
+                                          **recompute)
         self.spec = layer_spec(cfg.model.spec)
         self.teachers: dict[int, torch.nn.Module] = {}
         self.experts: dict[int, torch.nn.Module] = {}

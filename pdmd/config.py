@@ -34,6 +34,9 @@ class ModelConfig:
     kind: str = "wan"
     spec: str = "local"
     dtype: str = "fp32"
+    # full: every transformer block keeps only its input and is recomputed in the backward (Megatron's
+    # checkpoint, TP RNG states included): activation memory of the trained roles drops to one block's
+    recompute: str = "none"
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
@@ -192,6 +195,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.kind={m.kind!r}: this version trains 'wan' (Qwen-Image plugs in through the same protocol)")
     if m.spec not in ("local", "te"):
         raise ConfigError(f"model.spec={m.spec!r}: choose local or te")
+    if m.recompute not in ("none", "full"):
+        raise ConfigError(f"model.recompute={m.recompute!r}: choose none or full (docs/training.md, Memory)")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose fp32 or bf16")
     if not m.teacher.path:

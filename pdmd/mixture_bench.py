@@ -111,7 +111,7 @@ def methods(s: BenchSettings) -> dict[str, list[str]]:
     }
 
 
-def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int) -> dict[str, Any]:
+def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int, progress: bool = False) -> dict[str, Any]:
     return {
         "seed": seed,
         "model": {"kind": "wan", "spec": "local", "dtype": "fp32",
@@ -126,7 +126,7 @@ def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int) -> dict[str
                   "checkpoint_every": 10_000, "keep_last": 1, "log_every": 1},
         "data": {"shards": str(shards), "model": "wan", "max_length": MAX_LENGTH},
         "wandb": {"mode": "disabled"},
-        "logging": {"progress": False},
+        "logging": {"progress": progress},
     }
 
 
@@ -188,7 +188,7 @@ def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: Bench
 
 
 def distill(out: Path, name: str, overrides: list[str], s: BenchSettings, teacher: Path, shards: Path,
-            seed: int) -> Path:
+            seed: int, progress: bool = False) -> Path:
     """One method through `pdmd train` (resumes or skips a finished run) and the real exporter."""
     import argparse
 
@@ -198,7 +198,7 @@ def distill(out: Path, name: str, overrides: list[str], s: BenchSettings, teache
     from pdmd.train import train
 
     run_dir = out / "runs" / f"{name}_seed{seed}"
-    cfg = load_config(recipe(s, teacher, shards, seed), overrides)
+    cfg = load_config(recipe(s, teacher, shards, seed, progress), overrides)
     code = train(cfg, str(run_dir))
     if code:
         raise RuntimeError(f"{name} (seed {seed}): pdmd train exited {code}; see {run_dir}")
@@ -250,6 +250,7 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
 
     torch.set_num_threads(1)
     s.check()
+    _quiet()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -284,7 +285,7 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     run_dirs: dict[str, list[Path]] = {}
     for seed in s.seeds:
         for name, overrides in methods(s).items():
-            run_dirs.setdefault(name, []).append(distill(out, name, overrides, s, teacher, shards, seed))
+            run_dirs.setdefault(name, []).append(distill(out, name, overrides, s, teacher, shards, seed, progress))
             stage(f"{name} seed {seed}")
     labels = {"dmd2_sgts": f"DMD2+SGTS ({s.num_steps} steps, 1 expert)",
               "phased_dmd": f"Phased DMD ({s.num_steps} steps, {s.phases} phases)"}
@@ -304,6 +305,20 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
               "per_seed": rows, "teacher_curves": curves, "wall_seconds": time.perf_counter() - started}
     write_outputs(out, task, result, samples, run_dirs)
     return result
+
+
+def _quiet() -> None:
+    """The libraries' own noise (Megatron's no-TE/Apex warnings, weight-loading bars) would bury the demo's output."""
+    import warnings
+
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\..*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""The trainer backend at TP=2, at PP=2 and with 2 micro-batches computes what it computes at TP=1 with
-one: teacher velocities, the student's update loss and every student gradient (through the schedule,
+"""The trainer backend at TP=2, at PP=2, with 2 micro-batches and with full activation recomputation (TP=2
++ SP) computes what it computes at TP=1 with one: teacher velocities, the student's update loss and every student gradient (through the schedule,
 DDP, finalize and the distributed optimizer)."""
 
 from __future__ import annotations
@@ -36,11 +36,14 @@ def _step(rank, world_size, overrides):
     def loss_fn(v, idx):
         return 0.5 * ((x[idx] + (0.0 - 0.625) * v - target[idx]) ** 2).mean()
 
-    out = backend.train_step("student", x, t_in, text, loss_fn)
     model = backend.trainables["student"].model
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
+    out = backend.train_step("student", x, t_in, text, loss_fn)
     grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
     return dict(pp=parallel_state.get_pipeline_model_parallel_rank(), tp=parallel_state.get_tensor_model_parallel_rank(),
-                first=model.layer_offset, count=len(model.blocks), v=v_teacher, loss=out["loss"], grads=grads)
+                first=model.layer_offset, count=len(model.blocks), v=v_teacher, loss=out["loss"], grads=grads,
+                block_calls=len(calls))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +58,9 @@ def layouts(tmp_path_factory):
     return {name: run_ranks(_step, world, base + extra)
             for name, (world, extra) in {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]),
                                          "pp2": (2, ["parallel.pp=2"]),
-                                         "tp1_mb2": (1, ["train.num_micro_batches=2"])}.items()}
+                                         "tp1_mb2": (1, ["train.num_micro_batches=2"]),
+                                         "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                               "model.recompute=full"])}.items()}
 
 
 def _diffusers_grads(ranks):
@@ -71,9 +76,12 @@ def _diffusers_grads(ranks):
     return diffusers_from_shards(shards, wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})), stages, tp)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp1_mb2"])
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp1_mb2", "tp2_recompute"])
 def test_backend_layout_equals_single_rank(layouts, layout):
     ref, other = layouts["tp1"], layouts[layout]
+    passes = 2 if layout == "tp1_mb2" else 1  # micro-batches
+    recomputed = 2 if layout.endswith("recompute") else 1  # the backward runs each block's forward again
+    assert {r["block_calls"] for r in other if r["first"] == 0} == {passes * recomputed}
     for r in other:  # every rank gets the velocity and the loss
         assert torch.allclose(r["v"], ref[0]["v"], rtol=1e-5, atol=1e-6)
         assert abs(r["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"])

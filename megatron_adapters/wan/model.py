@@ -15,7 +15,7 @@ computes the (small) condition embedder itself from the batch, whose parameters 
 from __future__ import annotations
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import (
@@ -118,8 +118,13 @@ class WanModel(MegatronModule):
             x = self._shard_tokens(x.flatten(2).permute(2, 0, 1).contiguous())  # [s, B, D]
         else:
             x = self.input_tensor
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x = block(x, context, block_temb, rope, image_context, text_mask)
+            if recompute:  # keep only each block's input; its activations are rebuilt in the backward
+                x = tensor_parallel.checkpoint(_call_block(block), False, x, context, block_temb, rope[0], rope[1],
+                                               image_context, text_mask)
+            else:
+                x = block(x, context, block_temb, rope, image_context, text_mask)
         if not self.post_process:
             return x
         # The head runs on this CP rank's tokens (all of them across TP); only its small output is
@@ -167,6 +172,15 @@ class WanModel(MegatronModule):
         for name, param in self.named_parameters(recurse=False):
             out.update(make_sharded_tensors_for_checkpoint({name: param}, prefix, {}, sharded_offsets))
         return out
+
+
+def _call_block(block):
+    """The block as a function of tensors only (Megatron's checkpoint saves its arguments for backward)."""
+
+    def run(x, context, temb, cos, sin, image_context, text_mask):
+        return block(x, context, temb, (cos, sin), image_context, text_mask)
+
+    return run
 
 
 def build_wan_model(config, wan: WanConfig, layer_spec: ModuleSpec) -> WanModel:

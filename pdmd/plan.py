@@ -478,7 +478,7 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
         sps = sum(t["samples_per_s"] for t in e["times"]) / len(e["times"])
         row += [f"{e['seconds_per_update']:.1f}", f"{sps:.2f}", "yes" if e["fits"] else "no"]
         lines.append("| " + " | ".join(row) + " |")
-    best = result["recommended"] or result["layouts"][0]
+    best = result["recommended"] or min(result["layouts"], key=lambda e: e["peak_bytes"])
     lay = Layout(**best["layout"])
     lines += ["", ("recommended: " if result["recommended"] else "nothing fits; closest: ") + lay.describe(), ""]
     lines.append("| phase | role | weights GiB | grads GiB | optimizer GiB | activations GiB |")

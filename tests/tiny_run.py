@@ -125,7 +125,6 @@ def _train(root: Path, name: str, extra: list[str]) -> None:
     from data.prompts import PromptList, demo_prompts_path, read_prompts
     from data.writer import write_prompt_shards
     from pdmd.config import load_config
-    from pdmd.demo import DEMO_RECIPE
     from pdmd.train import train
 
     shards = root / "shards"
@@ -134,7 +133,7 @@ def _train(root: Path, name: str, extra: list[str]) -> None:
         prompts = read_prompts(demo_prompts_path())
         prompts = PromptList(prompts.prompts[:8], prompts.lines[:8])
         write_prompt_shards(prompts, shards, enc, samples_per_shard=8, progress=False)
-    cfg = load_config(DEMO_RECIPE, [f"model.teacher.path={root / 'base'}", f"data.shards={shards}", "train.steps=1",
+    cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml", [f"model.teacher.path={root / 'base'}", f"data.shards={shards}", "train.steps=1",
                                     "train.checkpoint_every=1", "method.fake_ratio=1", "student.lr=0.01",
                                     "wandb.mode=disabled", *extra])
     if train(cfg, str(root / name)) != 0:

@@ -79,7 +79,8 @@ def _train(run_dir: Path, recipe: str, overrides: list[str]) -> subprocess.Compl
 def test_tiny_image_conditioned_two_phase_run_completes(data, kind):
     root, overrides = data
     run_dir = root / f"run-{kind}"
-    proc = _train(run_dir, f"tiny_wan22_{kind}.yaml", overrides[kind])
+    previews = ["logging.sample_every=4", f"logging.vae={root / 'vae-i2v'}"] if kind == "i2v" else []
+    proc = _train(run_dir, f"tiny_wan22_{kind}.yaml", [*overrides[kind], *previews])
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert [p["status"] for p in manifest["phases"]] == ["done", "done"]
@@ -88,6 +89,9 @@ def test_tiny_image_conditioned_two_phase_run_completes(data, kind):
     for k in (1, 2):
         losses = [r[f"phase{k}/generator_loss"] for r in rows if f"phase{k}/generator_loss" in r]
         assert len(losses) == 4 and all(v is not None for v in losses)
+    if kind == "i2v":  # previews run the conditioned roles too (first batch's images), decoded by the VAE
+        assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
+            f"phase{k}_step4_{i}.gif" for k in (1, 2) for i in (0, 1)]
 
 
 def test_text_to_video_shards_with_an_i2v_teacher_are_refused(data, tmp_path):

@@ -26,12 +26,9 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_adapters.conversion import check_and_load
+from megatron_adapters.families import family_for
 from megatron_adapters.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
 from megatron_adapters.parallel import ParallelContext, ParallelLayout, initialize, validate_layout
-from megatron_adapters.wan.config import WanConfig, transformer_config
-from megatron_adapters.wan.convert import load_from_diffusers
-from megatron_adapters.wan.model import build_wan_model
-from megatron_adapters.wan.specs import layer_spec
 from pdmd.conditioning import Conditioning
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -122,52 +119,38 @@ class Trainable:
         self.optimizer = get_megatron_optimizer(oc, [self.ddp])
 
 
-class MegatronWanBackend:
+class MegatronBackend:
+    """The protocol of pdmd/method.py over Megatron models of one family (``model.kind``:
+    megatron_adapters/families.py says how each family is built, loaded and called)."""
+
     def __init__(self, cfg, ctx: ParallelContext | None = None) -> None:
         self.cfg = cfg
-        teacher = Path(cfg.model.teacher.path)
-        self.wan = [WanConfig.from_json(teacher / sub) for sub in cfg.model.teacher.subfolders]
+        self.family = family_for(cfg.model.kind, cfg.model.teacher.path, cfg.model.teacher.subfolders)
+        self.wan = self.family.configs  # per-expert architecture configs (the name predates Qwen-Image)
         self.boundary = cfg.model.teacher.boundary
         layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                 sequence_parallel=cfg.parallel.sequence_parallel)
-        c, f, h, w = cfg.train.latent_shape
-        pt, ph, pw = self.wan[0].patch_size
-        if f % pt or h % ph or w % pw:
-            raise ValueError(f"train.latent_shape={cfg.train.latent_shape} does not divide into patches {self.wan[0].patch_size}")
-        self.tokens = (f // pt) * (h // ph) * (w // pw)
-        self._check_conditioning(cfg.data.get("conditioning"))
+        self.tokens = self.family.tokens(cfg.train.latent_shape)
+        self.family.check_conditioning(cfg.data.get("conditioning"))
+        heads, layers = self.family.num_heads, self.family.num_layers
         world = dist.get_world_size() if dist.is_initialized() else None
         if world is not None:  # the layout must fit the model before anything is built
-            validate_layout(layout, world, num_heads=self.wan[0].num_attention_heads,
-                            num_layers=self.wan[0].num_layers, seq_len=self.tokens)
+            validate_layout(layout, world, num_heads=heads, num_layers=layers, seq_len=self.tokens)
         self.ctx = ctx or initialize(layout, seed=cfg.seed, timeout_minutes=cfg.parallel.timeout_minutes,
-                                     num_heads=self.wan[0].num_attention_heads, num_layers=self.wan[0].num_layers)
-        validate_layout(layout, dist.get_world_size(), num_heads=self.wan[0].num_attention_heads,
-                        num_layers=self.wan[0].num_layers, seq_len=self.tokens)
+                                     num_heads=heads, num_layers=layers)
+        validate_layout(layout, dist.get_world_size(), num_heads=heads, num_layers=layers, seq_len=self.tokens)
         self.dtype = DTYPES[cfg.model.dtype]
         recompute = ({"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
                      if cfg.model.recompute == "full" else {})
-        self.tconfig = transformer_config(self.wan[0], self.ctx.model_parallel_kwargs(), params_dtype=self.dtype,
-                                          **recompute)
-        self.spec = layer_spec(cfg.model.spec)
+        self.tconfig = self.family.transformer_config(self.ctx.model_parallel_kwargs(), params_dtype=self.dtype,
+                                                      **recompute)
+        self.spec = self.family.layer_spec(cfg.model.spec)
         self.teachers: dict[int, torch.nn.Module] = {}
         self.experts: dict[int, torch.nn.Module] = {}
         self.trainables: dict[str, Trainable] = {}  # the active region's
         self.regions: dict[int, dict] = {}  # k -> that region's trainables, student expert, checkpoint prefix
         self.frozen: dict[int, torch.nn.Module] = {}  # finished earlier phases' experts (sequential schedule)
         self.student_expert = 0
-
-    def _check_conditioning(self, kind: str | None) -> None:
-        """The teacher's input channels say whether it reads an image (I2V: noise + 4 mask + image latents)."""
-        wan = self.wan[0]
-        extra = wan.in_channels - wan.out_channels
-        if kind in (None, "none", "ti2v") and extra:
-            raise ValueError(f"the teacher reads {wan.in_channels} input channels for {wan.out_channels} output ones: "
-                             "an image-to-video (I2V) model; set data.conditioning=i2v and use shards written with "
-                             "tools/make_prompt_shards.py --conditioning i2v")
-        if kind == "i2v" and extra <= 4:
-            raise ValueError(f"data.conditioning=i2v but the teacher reads {wan.in_channels} input channels for "
-                             f"{wan.out_channels} output ones (I2V-A14B: 36 for 16); is this a text-to-video teacher?")
 
     # -- protocol: who we are ---------------------------------------------------------------------
     @property
@@ -182,6 +165,11 @@ class MegatronWanBackend:
     def device(self) -> torch.device:
         return self.ctx.device
 
+    def text_input(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/text.py):
+        Wan's embeddings as they are; Qwen-Image's with the mask packed in."""
+        return self.family.text_input(embeds, mask)
+
     def experts_touching(self, lo: float, hi: float) -> list[int]:
         """Teacher experts whose time range meets the interval (lo, hi]."""
         if len(self.wan) == 1:
@@ -195,9 +183,13 @@ class MegatronWanBackend:
         return (t < self.boundary).long()
 
     # -- roles ------------------------------------------------------------------------------------
+    def build_model(self, expert: int) -> torch.nn.Module:
+        """This rank's stage of teacher expert ``expert``'s architecture, random weights, on the device."""
+        return self.family.build(self.tconfig, expert, self.spec).to(self.device)
+
     def _new_model(self, expert: int) -> torch.nn.Module:
-        model = build_wan_model(self.tconfig, self.wan[expert], self.spec).to(self.device)
-        load_from_diffusers(model, Path(self.cfg.model.teacher.path) / self.cfg.model.teacher.subfolders[expert])
+        model = self.build_model(expert)
+        self.family.load_teacher(model, expert)
         return model
 
     def setup_phase(self, k: int, student_expert: int, earlier: dict[int, tuple[int, str]],
@@ -255,7 +247,7 @@ class MegatronWanBackend:
             student = self._new_model(student_expert)
         trainables = {"student": Trainable(f"{prefix}student", student.train(), self.tconfig, self.cfg.student)}
         for e in self.experts_touching(*renoise_interval):
-            fake = build_wan_model(self.tconfig, self.wan[e], self.spec).to(self.device)
+            fake = self.build_model(e)
             check_and_load(fake, _base_state(self.teachers[e]), f"initialising fake{e} from teacher expert {e}")
             trainables[f"fake{e}"] = Trainable(f"{prefix}fake{e}", fake.train(), self.tconfig, self.cfg.fake)
         return {"trainables": trainables, "student_expert": student_expert, "prefix": prefix}
@@ -279,16 +271,15 @@ class MegatronWanBackend:
         b = x.shape[0]
         chunks = list(torch.arange(b, device=x.device).tensor_split(math.gcd(b, self.cfg.train.num_micro_batches)))
         outputs = []
-        pt, ph, pw = self.wan[0].patch_size
-        tokens = (x.shape[2] // pt) * (x.shape[3] // ph) * (x.shape[4] // pw)  # buckets differ in size
-        if cond is not None:
-            x, t = cond.model_input(x).to(x.dtype), cond.timesteps(t, self.wan[0].patch_size)
+        shape = x.shape
+        inputs = self.family.inputs(module, x, t, text, cond)  # the model's own view of the batch
 
         def forward_step(data_iterator, m):
             idx = next(data_iterator)
-            out = m(x[idx], t[idx] * 1000.0, text[idx])
+            out = inputs.call(m, idx)
 
             def collect(o):
+                o = inputs.to_velocity(o)
                 outputs.append(o.detach())
                 loss = loss_fn(o, idx) if loss_fn is not None else o.float().sum() * 0.0
                 return loss, {"loss": loss.detach()}
@@ -296,10 +287,10 @@ class MegatronWanBackend:
             return out, collect
 
         get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(chunks), model=[module],
-                                    num_microbatches=len(chunks), seq_length=tokens,
+                                    num_microbatches=len(chunks), seq_length=inputs.seq_length,
                                     micro_batch_size=len(chunks[0]), forward_only=loss_fn is None)
         pp = parallel_state.get_pipeline_model_parallel_world_size()
-        out = torch.cat(outputs) if outputs else torch.empty(b, self.wan[0].out_channels, *x.shape[2:],
+        out = torch.cat(outputs) if outputs else torch.empty(b, self.family.out_channels, *shape[2:],
                                                             dtype=x.dtype, device=x.device)
         if pp > 1:  # the last stage has the velocity; every stage needs it for the next rollout step
             src = parallel_state.get_pipeline_model_parallel_last_rank()
@@ -390,14 +381,17 @@ class MegatronWanBackend:
         student = self.trainables["student"].model
         merged = _merge_lora(student) if lora_modules(student) else None
         if merged is not None:
-            plain = build_wan_model(self.tconfig, self.wan[self.student_expert], self.spec).to(self.device)
+            plain = self.build_model(self.student_expert)
             check_and_load(plain, merged, "merging the LoRA student")
             student = plain
         Path(path).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(student.sharded_state_dict(prefix="model."), str(path))
 
     def load_expert(self, expert: int, path: str | Path) -> torch.nn.Module:
-        model = build_wan_model(self.tconfig, self.wan[expert], self.spec).to(self.device)
+        model = self.build_model(expert)
         loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="model."), str(path))
         model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
         return model
+
+
+MegatronWanBackend = MegatronBackend  # the name the trainer, the export and the tests know it by

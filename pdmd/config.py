@@ -17,6 +17,9 @@ from typing import Any
 
 from pdmd.schedule import PhasePlan
 
+# model.kind -> the diffusers transformer class of its teacher folders
+MODEL_KINDS = {"wan": "WanTransformer3DModel", "qwen-image": "QwenImageTransformer2DModel"}
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the key."""
@@ -183,6 +186,28 @@ def load_config(path: str | Path | dict | None, overrides: Sequence[str] = ()) -
     return cfg
 
 
+def _validate_qwen_image(cfg: RunConfig) -> None:
+    """What a Qwen-Image run needs beyond the common checks (one teacher transformer, one latent frame,
+    Qwen2.5-VL prompt shards, no image conditioning)."""
+    m, t = cfg.model, cfg.train
+    if len(m.teacher.subfolders) != 1:
+        raise ConfigError(f"model.teacher.subfolders={m.teacher.subfolders}: Qwen-Image has one transformer "
+                          "(model.teacher.subfolders=[transformer])")
+    if len(t.latent_shape) == 4 and t.latent_shape[1] != 1:
+        raise ConfigError(f"train.latent_shape={t.latent_shape}: Qwen-Image makes images, one latent frame "
+                          "([16, 1, H, W]; 1024 px -> [16, 1, 128, 128])")
+    if cfg.data.get("model") != "qwen-image":
+        raise ConfigError(f"data.model={cfg.data.get('model')!r}: a Qwen-Image run reads shards encoded with "
+                          "Qwen2.5-VL (data.model=qwen-image; tools/make_prompt_shards.py --encoder qwen2.5-vl)")
+    if cfg.data.get("conditioning") not in (None, "none"):
+        raise ConfigError(f"data.conditioning={cfg.data['conditioning']!r}: Qwen-Image runs are text-to-image")
+    if m.recompute != "none":
+        raise ConfigError("model.recompute=full is not implemented for Qwen-Image yet: set model.recompute=none")
+    if cfg.logging.sample_every:
+        raise ConfigError("logging.sample_every: previews decode with the Wan VAE; Qwen-Image runs have no previews "
+                          "yet (set logging.sample_every=0 and sample the exported pipeline)")
+
+
 def _positive(value: Any, key: str, fix: str = "") -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
         raise ConfigError(f"{key}={value!r} must be a positive number" + (f": {fix}" if fix else ""))
@@ -191,8 +216,8 @@ def _positive(value: Any, key: str, fix: str = "") -> None:
 def validate(cfg: RunConfig) -> None:
     """Everything that can be checked without building a model."""
     m = cfg.model
-    if m.kind != "wan":
-        raise ConfigError(f"model.kind={m.kind!r}: this version trains 'wan' (Qwen-Image plugs in through the same protocol)")
+    if m.kind not in MODEL_KINDS:
+        raise ConfigError(f"model.kind={m.kind!r}: choose one of {sorted(MODEL_KINDS)}")
     if m.spec not in ("local", "te"):
         raise ConfigError(f"model.spec={m.spec!r}: choose local or te")
     if m.recompute not in ("none", "full"):
@@ -205,7 +230,14 @@ def validate(cfg: RunConfig) -> None:
     for sub in m.teacher.subfolders:
         if not (teacher / sub / "config.json").is_file():
             raise ConfigError(f"model.teacher.path: no {sub}/config.json under {teacher} (model.teacher.subfolders="
-                              f"{m.teacher.subfolders}); is this a diffusers Wan folder?")
+                              f"{m.teacher.subfolders}); is this a diffusers {MODEL_KINDS[m.kind]} folder?")
+        found = json.loads((teacher / sub / "config.json").read_text()).get("_class_name")
+        if found is not None and found != MODEL_KINDS[m.kind]:
+            raise ConfigError(f"model.kind={m.kind!r} but {teacher / sub} holds a {found}: set model.kind to "
+                              f"{next((k for k, c in MODEL_KINDS.items() if c == found), 'the matching kind')!r} "
+                              "or point model.teacher.path at the right teacher")
+    if m.kind == "qwen-image":
+        _validate_qwen_image(cfg)
     if len(m.teacher.subfolders) not in (1, 2):
         raise ConfigError("model.teacher.subfolders lists one expert, or two (high noise first) for Wan2.2 A14B")
     if len(m.teacher.subfolders) == 2 and not (m.teacher.boundary and 0 < m.teacher.boundary < 1):

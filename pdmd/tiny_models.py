@@ -35,3 +35,27 @@ def write_tiny_wan22_teacher(out: str | Path, *, seed: int = 0, boundary: float 
         index.update(image_encoder=[None, None], image_processor=[None, None])
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+# RoPE axes sum to the head dim; in_channels = 4 x out_channels (2x2 packed latent patches).
+TINY_QWEN_IMAGE = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+                       num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6))
+
+
+def write_tiny_qwen_image_teacher(out: str | Path, *, seed: int = 0, text_dim: int = 32, **overrides) -> Path:
+    """A Qwen-Image-shaped teacher folder (``transformer/`` + a QwenImagePipeline model_index.json).
+    diffusers' init leaves norm weights at 1 and some projections at 0: every parameter is nudged so that
+    the tiny teacher, its students and their gradients are all non-trivial."""
+    from diffusers import QwenImageTransformer2DModel
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    model = QwenImageTransformer2DModel(**{**TINY_QWEN_IMAGE, "joint_attention_dim": text_dim, **overrides})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    model.save_pretrained(out / "transformer")
+    index = {"_class_name": "QwenImagePipeline", "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+             "scheduler": [None, None], "text_encoder": [None, None], "tokenizer": [None, None], "vae": [None, None]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

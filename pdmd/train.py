@@ -100,7 +100,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
         run.update_phase(k, status="running")
     trainers = {k: PhaseTrainer(backend, plan, k, cfg.method, cfg.train.latent_shape, cfg.seed) for k in phases}
     previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
-    negative_single = loader.negative["text_embeds"].to(backend.device)
+    negative_single = _text(backend, loader.negative)
     batches = loader.forever()
     bad = dict.fromkeys(phases, 0)
     steps, n = cfg.train.steps, len(phases)
@@ -113,7 +113,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             trainer = trainers[k]
             tic = time.perf_counter()
             batch = next(batches)
-            text = batch["text_embeds"].to(backend.device)
+            text = _text(backend, batch)
             negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
             cond = Conditioning.from_batch(batch, backend.device)  # image-to-video shards; None for text only
             fake = [trainer.fake_step(step, i, text, cond) for i in range(cfg.method.fake_ratio)]
@@ -178,6 +178,12 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     return 0
 
 
+def _text(backend, batch: dict) -> torch.Tensor:
+    """The text tensor the method passes around, on the device: the backend decides what travels with the
+    embeddings (Qwen-Image: its padding mask, packed in as a last channel, pdmd/text.py; Wan: nothing)."""
+    return backend.text_input(batch["text_embeds"], batch["text_mask"]).to(backend.device)
+
+
 def _progress(cfg: RunConfig, k: int | str, start: int, steps: int):
     """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get one line per step instead."""
     if not (cfg.logging.progress and backend_rank0() and sys.stderr.isatty()):
@@ -196,7 +202,7 @@ class _Previews:
         from pdmd.sample import vae_folder
 
         first = next(iter(PromptLoader(data_cfg, dp_rank=0, dp_size=1).forever()))
-        self.text = first["text_embeds"][: cfg.logging.sample_count].to(backend.device)
+        self.text = _text(backend, first)[: cfg.logging.sample_count]
         cond = Conditioning.from_batch(first, backend.device)
         self.cond = None if cond is None else cond.index(slice(0, len(self.text)))
         self.prompts = list(first.get("prompt", []))[: cfg.logging.sample_count]

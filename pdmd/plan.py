@@ -30,6 +30,7 @@ from pdmd.capacity import (
     layer_activation_bytes,
     lora_flops,
     lora_tensors,
+    model_extra_activation_bytes,
     param_count,
     param_tensors,
     rank_tensors,
@@ -107,6 +108,7 @@ class Workload:
     sgts: bool
     global_batch: int | None = None
     sequence_parallel: bool = False
+    schedule: str = "sequential"  # method.schedule: sequential (the paper) | interleaved (LightX2V)
     parallel: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -182,7 +184,7 @@ def load_workload(spec: str, overrides: list[str] = (), *, arch_name: str | None
         lora=None if lora is None else (lora.rank, tuple(lora.targets)), cfg_scale=cfg.method.cfg_scale,
         fake_ratio=cfg.method.fake_ratio, sgts=cfg.method.sgts,
         global_batch=global_batch if global_batch is not None else (preset or {}).get("global_batch"),
-        sequence_parallel=cfg.parallel.sequence_parallel,
+        sequence_parallel=cfg.parallel.sequence_parallel, schedule=getattr(cfg.method, "schedule", "sequential"),
         parallel={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp})
 
 
@@ -257,20 +259,19 @@ def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -
     one_layer = layer_activation_bytes(arch, tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes,
                                        lora_rank=None, shard=shard)
     first, last = stage == 0, stage == lay.pp - 1
+    kw = dict(tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes, lora_rank=lora_rank, shard=shard)
+    rebuilt = 0.0
     if lay.recompute == "full":
-        # Megatron full recompute, one layer per checkpoint: each block keeps only its inputs; backward
-        # recomputes one block at a time.
+        # model.recompute=full (Megatron's checkpoint, one block each): a block keeps only its input
+        # (Qwen-Image: both streams); the backward rebuilds one block's activations at a time.
         s_loc = tokens / lay.cp
         inputs = (s_loc / shard.sp_div + (w.text_len if arch.kind == "qwen-image" else 0)) * w.dtype_bytes * arch.hidden
-        stage_bytes = per_stage * mb * inputs + stage_activation_bytes(
-            arch, layers=0, first=first, last=last, tokens=tokens, text=w.text_len, batch=mb,
-            act_bytes=w.dtype_bytes, lora_rank=lora_rank, shard=shard) + one_layer
+        stage_bytes = per_stage * mb * inputs + model_extra_activation_bytes(arch, first=first, last=last, **kw)
+        rebuilt = layer_activation_bytes(arch, **kw)
     else:
-        stage_bytes = stage_activation_bytes(arch, layers=per_stage, first=first, last=last, tokens=tokens,
-                                             text=w.text_len, batch=mb, act_bytes=w.dtype_bytes,
-                                             lora_rank=lora_rank, shard=shard)
+        stage_bytes = stage_activation_bytes(arch, layers=per_stage, first=first, last=last, **kw)
     in_flight = min(lay.pp - stage, _micro_batches(w, lay))  # 1F1B: stage s holds up to pp - s micro-batches
-    return {"saved": stage_bytes * in_flight, "train_transient": TRAIN_WORKING_SET * one_layer,
+    return {"saved": stage_bytes * in_flight, "train_transient": rebuilt + TRAIN_WORKING_SET * one_layer,
             "nograd_transient": NOGRAD_WORKING_SET * one_layer}
 
 
@@ -280,35 +281,48 @@ def _micro_batches(w: Workload, lay: Layout) -> int:
     return max(1, w.global_batch // (lay.dp * w.micro_batch))
 
 
-def phase_memory(w: Workload, lay: Layout, k: int) -> dict[str, Any]:
-    """Bytes per GPU of phase k at ``lay``: per role, and the peak (worst pipeline stage)."""
-    roles = phase_roles(w, k)
+def resident_roles(w: Workload, k: int | str) -> list[tuple[str, str]]:
+    """(name, kind) of every model resident in phase k, kind frozen / lora / full. The sequential
+    schedule (the paper's) holds one phase's roles; ``method.schedule=interleaved`` (LightX2V's) holds
+    every phase's student and fakes at once over the union of the teachers, and no finished experts
+    (``setup_interleaved``), whatever k."""
+    student = "lora" if w.lora else "full"
+    if w.schedule == "interleaved":
+        regions = [phase_roles(w, j) for j in w.plan.phases]
+        rows = [(f"teacher{e}", "frozen") for e in sorted(set().union(*(r["teachers"] for r in regions)))]
+        for r in regions:
+            rows.append((f"region{r['phase']}.student ({student}, expert {r['student_expert']})", student))
+            rows += [(f"region{r['phase']}.fake{e}", "full") for e in r["fakes"]]
+        return rows
+    r = phase_roles(w, k)
+    return ([(f"teacher{e}", "frozen") for e in r["teachers"]]
+            + [(f"student ({student}, expert {r['student_expert']})", student)]
+            + [(f"fake{e}", "full") for e in r["fakes"]]
+            + [(f"expert:{j} (frozen)", "frozen") for j in r["earlier"]])
+
+
+def phase_memory(w: Workload, lay: Layout, k: int | str) -> dict[str, Any]:
+    """Bytes per GPU of phase k (``"all"`` when the phases train interleaved) at ``lay``: per role, and
+    the peak (worst pipeline stage)."""
     tokens = w.max_tokens
     worst: dict[str, Any] | None = None
     for stage in sorted({0, lay.pp - 1}):
-        rows = []
-        for e in roles["teachers"]:
-            rows.append({"role": f"teacher{e}", **_role_bytes(w, lay, stage, "frozen"), "activations": 0.0})
-        student_kind = "lora" if w.lora else "full"
-        acts_student = _activation(w, lay, stage, not w.lora, tokens)
-        acts_fake = _activation(w, lay, stage, True, tokens)
-        rows.append({"role": f"student ({student_kind}, expert {roles['student_expert']})",
-                     **_role_bytes(w, lay, stage, student_kind), "activations": acts_student["saved"]})
-        for e in roles["fakes"]:
-            rows.append({"role": f"fake{e}", **_role_bytes(w, lay, stage, "full"), "activations": acts_fake["saved"]})
-        for j in roles["earlier"]:
-            rows.append({"role": f"expert:{j} (frozen)", **_role_bytes(w, lay, stage, "frozen"), "activations": 0.0})
+        acts = {"lora": _activation(w, lay, stage, False, tokens) if w.lora else None,
+                "full": _activation(w, lay, stage, True, tokens)}
+        rows = [{"role": name, **_role_bytes(w, lay, stage, kind),
+                 "activations": 0.0 if kind == "frozen" else acts[kind]["saved"]}
+                for name, kind in resident_roles(w, k)]
         static = sum(r["weights"] + r["grads"] + r["optimizer"] for r in rows)
         # One training pass runs at a time: the peak is the larger pass plus its working set; no-grad passes
         # and the optimizer step peak apart. The step of a bf16 role copies its gradient shard to fp32
         # (4 bytes per parameter of the shard); fused Adam (TE/Apex, as on NVIDIA's containers) adds nothing.
-        train_peak = max(a["saved"] + a["train_transient"] for a in (acts_student, acts_fake))
+        train_peak = max(a["saved"] + a["train_transient"] for a in acts.values() if a is not None)
         opt_peak = max(r["optimizer"] for r in rows) / 12 * 4 if w.dtype_bytes == 2 else 0.0
-        transient = max(train_peak, acts_fake["nograd_transient"], opt_peak)
+        transient = max(train_peak, acts["full"]["nograd_transient"], opt_peak)
         total = static + transient
         if worst is None or total > worst["total"]:
             worst = {"phase": k, "stage": stage, "roles": rows, "static": static, "transient": transient,
-                     "total": total, "train_peak": train_peak, **{x: roles[x] for x in ("teachers", "fakes", "earlier")}}
+                     "total": total, "train_peak": train_peak}
     return worst
 
 
@@ -398,7 +412,8 @@ def candidate_layouts(w: Workload, gpus: int, tp: int | None, pp: int | None, cp
 
 
 def evaluate(w: Workload, lay: Layout, gpu: str, mfu: float) -> dict[str, Any]:
-    phases = [phase_memory(w, lay, k) for k in w.plan.phases]
+    phases = ([phase_memory(w, lay, "all")] if w.schedule == "interleaved"
+              else [phase_memory(w, lay, k) for k in w.plan.phases])
     times = [step_time(w, lay, k, gpu, mfu) for k in w.plan.phases]
     budget = budget_bytes(gpu)
     return {"layout": asdict(lay), "phases": phases, "times": times, "fits": all(p["total"] <= budget for p in phases),
@@ -436,7 +451,8 @@ def plan(w: Workload, gpus: int, gpu: str = "h100", *, tp: int | None = None, pp
                      "micro_batch": w.micro_batch, "global_batch": w.global_batch,
                      "num_micro_batches": w.num_micro_batches, "dtype_bytes": w.dtype_bytes,
                      "student": f"LoRA r{w.lora[0]}" if w.lora else "full", "cfg_scale": w.cfg_scale,
-                     "fake_ratio": w.fake_ratio, "sgts": w.sgts, "steps_per_phase": list(w.plan.steps_per_phase)},
+                     "fake_ratio": w.fake_ratio, "sgts": w.sgts, "steps_per_phase": list(w.plan.steps_per_phase),
+                     "schedule": w.schedule},
         "assumptions": {"memory_gib": GPUS[gpu]["memory_gib"], "budget_gib": budget_bytes(gpu) / GIB,
                         "bf16_flops": GPUS[gpu]["bf16_flops"], "mfu": mfu},
         "layouts": evals,
@@ -467,6 +483,8 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
     fitting = [e for e in result["layouts"] if e["fits"]]
     shown = result["layouts"][:limit]
     head = ["tp", "pp", "cp", "dp", "sp", "recompute"] + [f"phase {p['phase']} GiB" for p in shown[0]["phases"]]
+    if wl.get("schedule") == "interleaved":
+        head[6] = "all phases (interleaved) GiB"
     head += ["s / update", "samples / s", "fits"]
     lines.append(f"layouts: {len(fitting)} of {len(result['layouts'])} fit; best first (first {len(shown)}):")
     lines.append("| " + " | ".join(head) + " |")

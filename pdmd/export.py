@@ -88,7 +88,11 @@ def _check_out(out: Path) -> None:
 
 def export(args: argparse.Namespace) -> tuple[float, float] | None:
     """Write the export; with --verify returns (relative error, tolerance) on rank 0, else None."""
-    run = read_run(args.run, args.teacher, check_hashes=not args.no_hash_check)
+    run = read_run(args.run, args.teacher, check_hashes=not args.no_hash_check, kinds=("wan", "qwen-image"))
+    if run.config["model"]["kind"] == "qwen-image":  # a QwenImagePipeline folder: pdmd/export_qwen.py
+        from pdmd.export_qwen import export_qwen
+
+        return export_qwen(args, run)
     out, k_count = Path(args.out), run.plan.num_phases
     dtype_name = args.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)

@@ -75,8 +75,10 @@ class RunInfo:
         return self.teacher / self.subfolders[e]
 
 
-def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashes: bool = True) -> RunInfo:
-    """A finished run directory, checked: every phase done, its expert present and unchanged."""
+def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashes: bool = True,
+             kinds: tuple[str, ...] = ("wan",)) -> RunInfo:
+    """A finished run directory, checked: every phase done, its expert present and unchanged; its
+    ``model.kind`` one of ``kinds`` (the export takes Qwen-Image runs too: pdmd/export_qwen.py)."""
     run = RunDir(run_dir)
     if not run.path.is_dir():
         raise ExportError(f"--run {run.path}: no such directory")
@@ -85,9 +87,9 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
     manifest = run.read()
     config = manifest["config"]
     kind = config.get("model", {}).get("kind", "wan")
-    if kind != "wan":
-        raise ExportError(f"model.kind={kind!r}: only Wan runs export yet (Qwen-Image's planned layout is in "
-                          "docs/export.md)")
+    if kind not in kinds:
+        raise ExportError(f"model.kind={kind!r}: this command takes {' / '.join(kinds)} runs (a Qwen-Image run exports "
+                          "with tools/convert_to_diffusers.py to a QwenImagePipeline folder, docs/export.md)")
     plan = PhasePlan.from_config(manifest["plan"])
     phases = []
     for entry in manifest["phases"]:

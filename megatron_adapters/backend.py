@@ -166,7 +166,7 @@ class MegatronBackend:
         return self.ctx.device
 
     def text_input(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/text.py):
+        """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/model_io.py):
         Wan's embeddings as they are; Qwen-Image's with the mask packed in."""
         return self.family.text_input(embeds, mask)
 

@@ -10,7 +10,7 @@ model's inputs and output (:class:`ModelInputs`).
   input channels / per-token timesteps (pdmd/conditioning.py).
 - Qwen-Image: one frame, 2x2 latent patches packed into ``[B, S, 4C]`` tokens (as QwenImagePipeline packs
   them), ``img_shapes``, sigma = t itself, text plus its padding mask (carried inside the text tensor,
-  pdmd/text.py); the output is unpacked back to ``[B, C, 1, H, W]``. The schedule's ``seq_length`` is the
+  pdmd/model_io.py); the output is unpacked back to ``[B, C, 1, H, W]``. The schedule's ``seq_length`` is the
   model's ``schedule_seq_length(S, L)`` so the pipeline p2p shape holds the replicated text too.
 """
 
@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from pdmd.conditioning import Conditioning
-from pdmd.text import pack_text, unpack_text
+from pdmd.model_io import pack_latents, pack_text, unpack_latents, unpack_text
 
 
 @dataclass
@@ -161,19 +161,6 @@ class WanFamily(ModelFamily):
         if cond is not None:  # image conditioning: the model's input and, for TI2V, per-token timesteps
             x, t = cond.model_input(x).to(x.dtype), cond.timesteps(t, patch)
         return ModelInputs(tokens, lambda m, idx: m(x[idx], t[idx] * 1000.0, text[idx]), lambda o: o)
-
-
-def pack_latents(x: torch.Tensor, p: int) -> torch.Tensor:
-    """[B, C, 1, H, W] -> [B, (H/p)(W/p), C p p]: QwenImagePipeline._pack_latents' token order."""
-    b, c, _, h, w = x.shape
-    return x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int, p: int) -> torch.Tensor:
-    """[B, (H/p)(W/p), C p p] -> [B, C, 1, H, W]: QwenImagePipeline._unpack_latents."""
-    b, _, d = tokens.shape
-    c = d // (p * p)
-    return tokens.reshape(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, 1, h, w)
 
 
 class QwenImageFamily(ModelFamily):

@@ -180,7 +180,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
 
 def _text(backend, batch: dict) -> torch.Tensor:
     """The text tensor the method passes around, on the device: the backend decides what travels with the
-    embeddings (Qwen-Image: its padding mask, packed in as a last channel, pdmd/text.py; Wan: nothing)."""
+    embeddings (Qwen-Image: its padding mask, packed in as a last channel, pdmd/model_io.py; Wan: nothing)."""
     return backend.text_input(batch["text_embeds"], batch["text_mask"]).to(backend.device)
 
 

@@ -292,7 +292,7 @@ class Sharding:
 
 
 def layer_activation_bytes(arch: Arch, *, tokens: int, text: int, batch: int, act_bytes: int, lora_rank: int | None,
-                           shard: Sharding = Sharding()) -> float:
+                           shard: Sharding = Sharding(), per_token_t: bool = False) -> float:
     """Bytes autograd keeps for backward in ONE block of one rank, for ``batch`` samples.
 
     ``lora_rank`` None: every parameter trains (fake scores, full students); else a frozen backbone with
@@ -326,6 +326,11 @@ def layer_activation_bytes(arch: Arch, *, tokens: int, text: int, batch: int, ac
     # views; a LoRA adapter's input copy of the (transposed, non-contiguous) context and its rank-r output.
     per_text = ((norm + 3 * a) * d) / tp + 4 + (0 if full else a * d + a * r)
     context = text + (arch.image_tokens if arch.image_dim else 0)  # Wan2.1-style image K/V alike
+    if per_token_t:
+        # One timestep per token (TI2V's clean first frame): the modulation is [s, b, 6, d] fp32 per block;
+        # the gates are views of it (the attention/FFN outputs' products keep it alive, 24 d) and
+        # (1 + scale) is a fresh [s, b, d] fp32 tensor for each of the two modulated LNs.
+        per_token += 32 * d / spd
     return batch * (s_loc * per_token + context * per_text + per_sample)
 
 
@@ -350,11 +355,13 @@ def _qwen_layer_bytes(arch: Arch, s_loc: float, text: int, a: int, full: bool, r
 
 
 def stage_activation_bytes(arch: Arch, *, layers: int, first: bool, last: bool, tokens: int, text: int, batch: int,
-                           act_bytes: int, lora_rank: int | None, shard: Sharding = Sharding()) -> float:
+                           act_bytes: int, lora_rank: int | None, shard: Sharding = Sharding(),
+                           per_token_t: bool = False) -> float:
     """Saved activations of one pipeline stage (``layers`` blocks, plus the embedders on the first
     stage and the head on the last) for one micro-batch of ``batch`` samples, on one rank."""
     a, d = act_bytes, arch.hidden
-    kw = dict(tokens=tokens, text=text, batch=batch, act_bytes=a, lora_rank=lora_rank, shard=shard)
+    kw = dict(tokens=tokens, text=text, batch=batch, act_bytes=a, lora_rank=lora_rank, shard=shard,
+              per_token_t=per_token_t)
     out = layers * layer_activation_bytes(arch, **kw) + model_extra_activation_bytes(arch, first=first, last=last, **kw)
     s_loc, tp, full = tokens / shard.cp, shard.tp, lora_rank is None
     if first and not full:
@@ -377,7 +384,7 @@ def stage_activation_bytes(arch: Arch, *, layers: int, first: bool, last: bool, 
 
 def model_extra_activation_bytes(arch: Arch, *, tokens: int, text: int, batch: int, act_bytes: int,
                                  lora_rank: int | None, shard: Sharding = Sharding(), first: bool = True,
-                                 last: bool = True) -> float:
+                                 last: bool = True, per_token_t: bool = False) -> float:
     """Outside the blocks: the text context every Wan block reads, the
     embedders' saved inputs when they train, RoPE tables (shared by every block), the output head's
     saved tensors and the loss's fp32 velocity."""
@@ -398,6 +405,10 @@ def model_extra_activation_bytes(arch: Arch, *, tokens: int, text: int, batch: i
             if first:
                 out += batch * s_loc * a * arch.in_channels * arch.patch_volume
         head = (8 + a) * d if full else 4 * d
+        if per_token_t:  # the head's (1 + scale) per token; trained embedders keep per-token inputs
+            head += 4 * d
+            if full:
+                out += batch * s_loc * a * (arch.freq_dim + 3 * d)
     if last:
         out += batch * s_loc * (head + 4 * arch.out_channels * arch.patch_volume)
     return out

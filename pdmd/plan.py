@@ -72,7 +72,8 @@ RECIPES: dict[str, dict[str, Any]] = {
         "model": {"kind": "wan", "spec": "te", "dtype": "bf16",
                   "teacher": {"path": "", "subfolders": ["transformer"], "boundary": None}},
         "plan": {"num_steps": 4, "shift": 5.0, "num_phases": 2},
-        "train": {"micro_batch_size": 1, "latent_shape": [48, 31, 44, 80]}}},
+        "train": {"micro_batch_size": 1, "latent_shape": [48, 31, 44, 80]},
+        "data": {"shards": "-", "max_length": 512, "conditioning": "ti2v"}}},
     # 1328 x 1328 images: latents 16 x 166 x 166, 2 x 2 packed -> 6889 tokens; shift 3 (timesteps 1000, 900, 750, 500).
     "qwen-image": {"arch": "qwen-image", "global_batch": 64, "recipe": {
         **_WAN_A14B,
@@ -109,6 +110,7 @@ class Workload:
     global_batch: int | None = None
     sequence_parallel: bool = False
     schedule: str = "sequential"  # method.schedule: sequential (the paper) | interleaved (LightX2V)
+    conditioning: str | None = None  # data.conditioning: None (text only) | i2v | ti2v (per-token timesteps)
     parallel: dict[str, int] = field(default_factory=dict)
 
     @property
@@ -164,7 +166,7 @@ def load_workload(spec: str, overrides: list[str] = (), *, arch_name: str | None
     elif cfg_json is not None and cfg_json.is_file():
         arch, source = arch_from_diffusers(cfg_json, name=f"{Path(teacher.path).name}/{subs[0]}"), f"read from {cfg_json}"
     else:
-        name = preset["arch"] if preset else _guess_arch(cfg.model.kind, cfg.train.latent_shape, len(subs))
+        name = preset["arch"] if preset else _guess_arch(cfg.model.kind, cfg.data.get("conditioning"))
         where = f"no teacher config.json at {cfg_json}" if cfg_json else "no teacher path"
         arch, source = PRESETS[name], f"preset {name} ({where}; --arch picks another)"
     shapes = _parse_mix(mix) if mix else (preset.get("mix") if preset and "train.latent_shape" not in
@@ -185,13 +187,14 @@ def load_workload(spec: str, overrides: list[str] = (), *, arch_name: str | None
         fake_ratio=cfg.method.fake_ratio, sgts=cfg.method.sgts,
         global_batch=global_batch if global_batch is not None else (preset or {}).get("global_batch"),
         sequence_parallel=cfg.parallel.sequence_parallel, schedule=getattr(cfg.method, "schedule", "sequential"),
+        conditioning=cfg.data.get("conditioning"),
         parallel={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp})
 
 
-def _guess_arch(kind: str, latent_shape: list[int], experts: int) -> str:
+def _guess_arch(kind: str, conditioning: str | None) -> str:
     if kind in ("qwen-image", "qwen_image"):
         return "qwen-image"
-    return "wan2.2-ti2v-5b" if latent_shape[0] == 48 else "wan2.2-t2v-a14b"
+    return {"ti2v": "wan2.2-ti2v-5b", "i2v": "wan2.2-i2v-a14b"}.get(conditioning or "", "wan2.2-t2v-a14b")
 
 
 def _parse_mix(text: str) -> list[tuple[list[int], float]]:
@@ -259,7 +262,8 @@ def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -
     one_layer = layer_activation_bytes(arch, tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes,
                                        lora_rank=None, shard=shard)
     first, last = stage == 0, stage == lay.pp - 1
-    kw = dict(tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes, lora_rank=lora_rank, shard=shard)
+    kw = dict(tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes, lora_rank=lora_rank, shard=shard,
+              per_token_t=w.conditioning == "ti2v")
     rebuilt = 0.0
     if lay.recompute == "full":
         # model.recompute=full (Megatron's checkpoint, one block each): a block keeps only its input

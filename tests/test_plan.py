@@ -297,8 +297,10 @@ def _measure_roles(backend) -> dict[str, dict[str, float]]:
     return out
 
 
-def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir: str, phases: tuple[int, ...]):
-    """Build each phase's roles with the real backend, step every trainable role twice, and measure."""
+def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir: str, phases: tuple[int, ...],
+             per_token: bool = False):
+    """Build each phase's roles with the real backend, step every trainable role twice, and measure
+    (``per_token``: one timestep per token, as TI2V's image conditioning sends them)."""
     from megatron_adapters.backend import MegatronWanBackend
     from pdmd.config import load_config
 
@@ -315,6 +317,10 @@ def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir:
         student_expert = 0 if k == 1 else 1
         backend.setup_phase(k, student_expert, earlier, plan.renoise_interval(k))
         t = torch.full((b,), 0.9 if k == 1 else 0.5, device=backend.device)
+        if per_token:
+            f, h, w_ = cfg.train.latent_shape[1:]
+            t = t[:, None].repeat(1, f * (h // 2) * (w_ // 2))
+            t[:, : (h // 2) * (w_ // 2)] = 0.0  # the clean first frame
         acts, peaks = {}, {}
         params = set()
         for m in [*backend.teachers.values(), *backend.experts.values(), *(tr.model for tr in backend.trainables.values())]:
@@ -338,9 +344,11 @@ def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir:
     return results
 
 
-def _predicted(teacher: str, overrides: list[str], layout: pl.Layout, k: int) -> dict:
+def _predicted(teacher: str, overrides: list[str], layout: pl.Layout, k: int, per_token: bool = False) -> dict:
     w = pl.load_workload(str(RECIPE), [f"model.teacher.path={teacher}", *overrides])
     assert w.arch_source.startswith("read from")
+    if per_token:
+        w.conditioning = "ti2v"
     return pl.phase_memory(w, layout, k), w
 
 
@@ -382,6 +390,8 @@ CASES = {
     # checkpointed blocks' inputs need no gradient and the adapters get none; reported with the numbers.)
     "tp1 fp32 full recompute": (1, ["model.recompute=full", "student.lora=null"], pl.Layout(1, 1, 1, 1, False, "full"),
                                 (1,)),
+    # one timestep per token (TI2V): the per-token modulation tensors
+    "tp1 bf16 lora per-token t": (1, ["model.dtype=bf16"], pl.Layout(1, 1, 1, 1, False, "none"), (1,), True),
 }
 
 
@@ -392,11 +402,12 @@ def test_memory_model_matches_tiny_backend_runs(case, tiny_teacher, tmp_path):
     during a training step, measured on rank 0 of the real backend, within 20% of the plan."""
     from tests.multirank import run_ranks
 
-    ranks, overrides, layout, phases = CASES[case]
-    measured = run_ranks(_measure, ranks, tiny_teacher, overrides, str(tmp_path), phases, timeout=300)[0]
+    ranks, overrides, layout, phases, *per_token = CASES[case]
+    per_token = bool(per_token and per_token[0])
+    measured = run_ranks(_measure, ranks, tiny_teacher, overrides, str(tmp_path), phases, per_token, timeout=300)[0]
     failures, report = [], []
     for k in phases:
-        predicted, w = _predicted(tiny_teacher, overrides, layout, k)
+        predicted, w = _predicted(tiny_teacher, overrides, layout, k, per_token)
         for what, got, pred in _compare(measured[k], predicted, w, layout):
             ratio = pred / got if got else float("inf")
             report.append(f"phase {k} {what}: measured {got:,.0f} B, plan {pred:,.0f} B ({ratio:.3f}x)")

@@ -32,6 +32,20 @@ class TeacherConfig:
     boundary: float | None = None  # Wan2.2 A14B: t >= boundary -> subfolders[0] (high noise), else [1]
 
 
+FP8_ROLES = ("teacher", "expert", "student", "fake")
+
+
+@dataclass
+class FP8Config:
+    """FP8 GEMMs through Transformer Engine (model.spec=te, model.dtype=bf16, CUDA only)."""
+
+    recipe: str = "delayed"  # delayed (amax history) | tensorwise (current scaling); Megatron's names
+    roles: list[str] = field(default_factory=lambda: ["teacher", "expert"])  # frozen roles first
+    # Trained roles (student, fake) in FP8 only behind a passed parity check: the JSON written by
+    # tools/fp8_parity.py for this run's config.
+    parity_report: str | None = None
+
+
 @dataclass
 class ModelConfig:
     kind: str = "wan"
@@ -40,6 +54,7 @@ class ModelConfig:
     # full: every transformer block keeps only its input and is recomputed in the backward (Megatron's
     # checkpoint, TP RNG states included): activation memory of the trained roles drops to one block's
     recompute: str = "none"
+    fp8: FP8Config | None = None  # None: bf16/fp32 GEMMs everywhere
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
 
@@ -157,9 +172,9 @@ def _build(cls, raw: Any, where: str):
         ftype = fields[name].type
         nested = {"model": ModelConfig, "teacher": TeacherConfig, "parallel": ParallelConfig, "method": MethodConfig,
                   "student": OptimConfig, "fake": OptimConfig, "train": TrainConfig, "wandb": WandbConfig,
-                  "lora": LoRASection, "logging": LoggingConfig}.get(name)
+                  "lora": LoRASection, "logging": LoggingConfig, "fp8": FP8Config}.get(name)
         if nested is not None and "dict" not in str(ftype):
-            values[name] = None if (name == "lora" and value is None) else _build(nested, value, sub)
+            values[name] = None if (name in ("lora", "fp8") and value is None) else _build(nested, value, sub)
         else:
             values[name] = value
     return cls(**values)
@@ -213,6 +228,36 @@ def _positive(value: Any, key: str, fix: str = "") -> None:
         raise ConfigError(f"{key}={value!r} must be a positive number" + (f": {fix}" if fix else ""))
 
 
+def validate_fp8(cfg: RunConfig) -> None:
+    """FP8 needs TE linears in bf16; trained roles need a passed parity report for this very config."""
+    f = cfg.model.fp8
+    if cfg.model.spec != "te" or cfg.model.dtype != "bf16":
+        raise ConfigError("model.fp8 needs model.spec=te and model.dtype=bf16 (FP8 GEMMs are Transformer Engine's)")
+    if f.recipe not in ("delayed", "tensorwise"):
+        raise ConfigError(f"model.fp8.recipe={f.recipe!r}: choose delayed or tensorwise (current scaling)")
+    bad = sorted(set(f.roles) - set(FP8_ROLES))
+    if bad or not f.roles:
+        raise ConfigError(f"model.fp8.roles={f.roles}: choose from {list(FP8_ROLES)}")
+    trained = sorted(set(f.roles) & {"student", "fake"})
+    if trained:
+        if not f.parity_report or not Path(f.parity_report).is_file():
+            raise ConfigError(f"model.fp8.roles has {trained}: trained roles run FP8 only after a passed parity check; "
+                              "run tools/fp8_parity.py with this config and set model.fp8.parity_report to its JSON")
+        report = json.loads(Path(f.parity_report).read_text())
+        key = parity_key(cfg)
+        if not report.get("passed") or report.get("config_hash") != key or report.get("recipe") != f.recipe:
+            raise ConfigError(f"model.fp8.parity_report={f.parity_report}: not a passed check of this config "
+                              f"(passed={report.get('passed')}, recipe={report.get('recipe')}, config hash "
+                              f"{str(report.get('config_hash'))[:12]} vs {key[:12]}); rerun tools/fp8_parity.py")
+
+
+def parity_key(cfg: RunConfig) -> str:
+    """What an FP8 parity check vouches for: the run's identity without its FP8 settings."""
+    ident = {k: v for k, v in cfg.to_dict().items() if k not in ("parallel", "wandb", "logging")}
+    ident["model"] = {k: v for k, v in ident["model"].items() if k != "fp8"}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
 def validate(cfg: RunConfig) -> None:
     """Everything that can be checked without building a model."""
     m = cfg.model
@@ -224,6 +269,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"model.recompute={m.recompute!r}: choose none or full (docs/training.md, Memory)")
     if m.dtype not in ("fp32", "bf16"):
         raise ConfigError(f"model.dtype={m.dtype!r}: choose fp32 or bf16")
+    if m.fp8 is not None:
+        validate_fp8(cfg)
     if not m.teacher.path:
         raise ConfigError("model.teacher.path is empty: point it at the teacher's diffusers folder")
     teacher = Path(m.teacher.path)

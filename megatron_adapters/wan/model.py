@@ -14,6 +14,8 @@ computes the (small) condition embedder itself from the batch, whose parameters 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -119,12 +121,13 @@ class WanModel(MegatronModule):
         else:
             x = self.input_tensor
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
-            if recompute:  # keep only each block's input; its activations are rebuilt in the backward
-                x = tensor_parallel.checkpoint(_call_block(block), False, x, context, block_temb, rope[0], rope[1],
-                                               image_context, text_mask)
-            else:
-                x = block(x, context, block_temb, rope, image_context, text_mask)
+        with fp8_context(self.config):
+            for block in self.blocks:
+                if recompute:  # keep only each block's input; its activations are rebuilt in the backward
+                    x = tensor_parallel.checkpoint(_call_block(block), False, x, context, block_temb, rope[0],
+                                                   rope[1], image_context, text_mask)
+                else:
+                    x = block(x, context, block_temb, rope, image_context, text_mask)
         if not self.post_process:
             return x
         # The head runs on this CP rank's tokens (all of them across TP); only its small output is
@@ -172,6 +175,17 @@ class WanModel(MegatronModule):
         for name, param in self.named_parameters(recurse=False):
             out.update(make_sharded_tensors_for_checkpoint({name: param}, prefix, {}, sharded_offsets))
         return out
+
+
+def fp8_context(config):
+    """Transformer Engine's FP8 autocast with the config's recipe (Megatron's own helper) when the role was
+    built with ``fp8`` set; a no-op otherwise. Only TE linears change: norms, attention and the
+    embeddings/head stay in the model dtype."""
+    if not getattr(config, "fp8", None):
+        return contextlib.nullcontext()
+    from megatron.core.fp8_utils import get_fp8_context
+
+    return get_fp8_context(config)
 
 
 def _call_block(block):

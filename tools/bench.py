@@ -438,6 +438,30 @@ def run_qwen_block(args: argparse.Namespace) -> Result:
                   device=out.get("device", ctx.device), ok=out["ok"])
 
 
+# -- entry: step ------------------------------------------------------------------------------------
+def _step_arguments(p: argparse.ArgumentParser) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_step import add_arguments
+
+    add_arguments(p)
+
+
+def run_step(args: argparse.Namespace) -> Result:
+    """One generator step and one fake step of the tiny recipe, split by part (tools/bench_step.py)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_step import bench_step
+
+    from megatron_adapters.parallel import shutdown
+
+    ctx = _single_process_megatron()
+    try:
+        out = bench_step(args, ctx)
+    finally:
+        shutdown()
+    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"],
+                  device=out["device"], ok=out["ok"])
+
+
 # -- entry: data ------------------------------------------------------------------------------------
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["wan", "qwen-image"], default="wan")
@@ -465,6 +489,8 @@ ENTRIES: dict[str, Entry] = {
     "block": Entry("our Wan DiT vs diffusers: fwd and fwd+bwd time, ratio, rel err", _block_arguments, run_block),
     "qwen-block": Entry("our Qwen-Image DiT vs diffusers: fwd and fwd+bwd time, ratio, rel err",
                         _qwen_block_arguments, run_qwen_block),
+    "step": Entry("one Phased DMD generator step and one fake step: time by part, overhead vs model passes",
+                  _step_arguments, run_step),
     "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data,
                   libraries=("webdataset", "safetensors")),
 }

@@ -192,7 +192,8 @@ def bench_step(args: argparse.Namespace, ctx) -> dict[str, Any]:
                  f"{cfg.model.dtype} on {backend.device.type}; phase {args.phase} (rollout steps "
                  f"{list(plan.steps_in_phase(args.phase))}, SGTS {cfg.method.sgts}, CFG {cfg.method.cfg_scale:g}, "
                  f"LoRA student {cfg.student.lora is not None})")
-    notes.append(f"timing: 1 warm-up + {args.reps} timed fake and generator steps, alternating; medians in ms; "
+    notes.append(f"timing: 1 warm-up + {args.reps} timed fake and generator steps, alternating; medians in ms "
+                 "(calls: the first timed repetition's; SGTS varies the rollout); "
                  "model passes = every role's forward (hooks on the resident models) + backwards (a training "
                  "call minus its forward, gradient finalisation and optimizer step)")
     if lap:

@@ -7,6 +7,7 @@
 #   3. cuda-tests  the tests marked `cuda` (pytest -m cuda on the files that have any)
 #   4. block     tools/bench.py block at Wan2.2-A14B layer size (hidden 5120, 40 heads, ffn 13824), 2 layers,
 #                81 frames at 480x832 (32760 tokens), bf16: ours vs diffusers, TFLOP/s and share of peak
+#   4b. step     tools/bench.py step: one Phased DMD generator step and one fake step split by part, overhead
 #   5. train-*   a tiny two-expert teacher and prompt shards (tools/make_tiny_teacher.py,
 #                tools/make_prompt_shards.py), then 3 steps per phase of `pdmd train configs/tiny_wan22.yaml`
 #                on CUDA: fp32 local spec, bf16 local spec, bf16 TE spec (when TE imports)
@@ -18,7 +19,7 @@
 #   --dry-run  print the commands, run nothing (works without a GPU)
 #   --allow-cpu  rehearse on a machine without CUDA: no matmul, a tiny block, the rest as on a GPU
 #   --out DIR  logs, the tiny teacher/shards and run directories (default: a new /tmp/pdmd-gpu-check.*)
-#   --record   let the block benchmark append its section to docs/benchmarks.md
+#   --record   let the block and step benchmarks append their sections to docs/benchmarks.md
 #   --budget S stop starting checks once S seconds have gone (default 450: under 8 minutes in all)
 set -uo pipefail
 
@@ -31,7 +32,7 @@ RECORD=0
 BUDGET=450
 ALLOW_CPU=0
 
-usage() { sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 while [ $# -gt 0 ]; do
     case "$1" in
         --dry-run) DRY=1 ;;
@@ -162,6 +163,13 @@ BLOCK_ARGS="--hidden 5120 --heads 40 --layers 2 --ffn 13824 --frames 21 --height
 [ "$RECORD" = 1 ] || BLOCK_ARGS="$BLOCK_ARGS --no-record"
 if skip_unless block megatron.core diffusers; then
     run block 240 "\"$PY\" tools/bench.py block $BLOCK_ARGS && echo \"SUMMARY: TFLOP/s \$(grep -o 'fwd+bwd ours [^;]*' \"$OUT/block.log\" | head -n 1); ours/diffusers fwd+bwd \$(grep -m1 '^| fwd+bwd | wall' \"$OUT/block.log\" | cut -d'|' -f6 | tr -d ' ')\""
+fi
+
+# -- 4b. one generator step and one fake step, split by part (bench step, 2048 tokens) --------------------
+if skip_unless step megatron.core diffusers omegaconf; then
+    STEP_ARGS="--reps 3 --set train.latent_shape=[4,8,32,32]"
+    [ "$RECORD" = 1 ] || STEP_ARGS="$STEP_ARGS --no-record"
+    run step 120 "\"$PY\" tools/bench.py step $STEP_ARGS && echo \"SUMMARY: \$(grep -o 'overhead target.*' \"$OUT/step.log\" | head -n 1)\""
 fi
 
 # -- 5. tiny-model training steps on CUDA -------------------------------------------------------------

@@ -297,15 +297,25 @@ def _measure_roles(backend) -> dict[str, dict[str, float]]:
     return out
 
 
+def _measure_cases(rank: int, world: int, teacher: str, cases: list[tuple], out_dir: str) -> list[dict]:
+    """``_measure`` for several (overrides, phases, per_token) cases of one layout in one spawn: the
+    backends share the parallel state (their configs differ in dtype, recompute, student only)."""
+    ctx, out = None, []
+    for i, (overrides, phases, per_token) in enumerate(cases):
+        result, ctx = _measure(rank, world, teacher, overrides, f"{out_dir}/{i}", phases, per_token, ctx)
+        out.append(result)
+    return out
+
+
 def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir: str, phases: tuple[int, ...],
-             per_token: bool = False):
+             per_token: bool = False, ctx=None):
     """Build each phase's roles with the real backend, step every trainable role twice, and measure
     (``per_token``: one timestep per token, as TI2V's image conditioning sends them)."""
     from megatron_adapters.backend import MegatronWanBackend
     from pdmd.config import load_config
 
     cfg = load_config(RECIPE, [f"model.teacher.path={teacher}", "data.shards=unused", *overrides])
-    backend = MegatronWanBackend(cfg)
+    backend = MegatronWanBackend(cfg, ctx)
     plan = cfg.phase_plan()
     g = torch.Generator().manual_seed(0)
     b = cfg.train.micro_batch_size
@@ -341,7 +351,7 @@ def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir:
         results[k] = {"roles": _measure_roles(backend), "activations": acts, "peaks": peaks}
         if k == 1 and 2 in phases:
             backend.save_expert(f"{out_dir}/expert1")
-    return results
+    return results, backend.ctx
 
 
 def _predicted(teacher: str, overrides: list[str], layout: pl.Layout, k: int, per_token: bool = False) -> dict:
@@ -395,16 +405,31 @@ CASES = {
 }
 
 
-@pytest.mark.multirank
-@pytest.mark.parametrize("case", list(CASES))
-def test_memory_model_matches_tiny_backend_runs(case, tiny_teacher, tmp_path):
-    """Every role's resident bytes, each training pass's saved activations and the allocator's peak
-    during a training step, measured on rank 0 of the real backend, within 20% of the plan."""
+@pytest.fixture(scope="module")
+def measured_runs(tiny_teacher, tmp_path_factory) -> dict[str, dict]:
+    """Every case measured: the single-rank ones in one spawn, each 2-rank layout in its own."""
     from tests.multirank import run_ranks
 
-    ranks, overrides, layout, phases, *per_token = CASES[case]
+    out: dict[str, dict] = {}
+    by_layout: dict[tuple, list[str]] = {}
+    for name, (ranks, _, layout, *_rest) in CASES.items():
+        by_layout.setdefault((ranks, layout), []).append(name)
+    for (ranks, _), names in by_layout.items():
+        cases = [(CASES[n][1], CASES[n][3], bool(CASES[n][4:] and CASES[n][4])) for n in names]
+        results = run_ranks(_measure_cases, ranks, tiny_teacher, cases, str(tmp_path_factory.mktemp("measure")),
+                            timeout=400)[0]
+        out.update(zip(names, results))
+    return out
+
+
+@pytest.mark.multirank
+@pytest.mark.parametrize("case", list(CASES))
+def test_memory_model_matches_tiny_backend_runs(case, measured_runs, tiny_teacher):
+    """Every role's resident bytes, each training pass's saved activations and the allocator's peak
+    during a training step, measured on rank 0 of the real backend, within 20% of the plan."""
+    _, overrides, layout, phases, *per_token = CASES[case]
     per_token = bool(per_token and per_token[0])
-    measured = run_ranks(_measure, ranks, tiny_teacher, overrides, str(tmp_path), phases, per_token, timeout=300)[0]
+    measured = measured_runs[case]
     failures, report = [], []
     for k in phases:
         predicted, w = _predicted(tiny_teacher, overrides, layout, k, per_token)
@@ -428,7 +453,7 @@ def test_memory_model_on_cuda(tiny_teacher, tmp_path):
     layout = pl.Layout(1, 1, 1, 1, False, "none")
     # No gloo group first: the backend starts NCCL itself on CUDA.
     measured = run_ranks(_measure, 1, tiny_teacher, overrides, str(tmp_path), (1,), timeout=300,
-                         init_process_group=False)[0]
+                         init_process_group=False)[0][0]
     predicted, w = _predicted(tiny_teacher, overrides, layout, 1)
     rows = _compare(measured[1], predicted, w, layout)
     print("\n" + "\n".join(f"  cuda {what}: measured {got:,.0f} B, plan {pred:,.0f} B ({pred / got:.3f}x)"

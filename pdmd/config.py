@@ -216,8 +216,6 @@ def _validate_qwen_image(cfg: RunConfig) -> None:
                           "Qwen2.5-VL (data.model=qwen-image; tools/make_prompt_shards.py --encoder qwen2.5-vl)")
     if cfg.data.get("conditioning") not in (None, "none"):
         raise ConfigError(f"data.conditioning={cfg.data['conditioning']!r}: Qwen-Image runs are text-to-image")
-    if m.recompute != "none":
-        raise ConfigError("model.recompute=full is not implemented for Qwen-Image yet: set model.recompute=none")
     if cfg.logging.sample_every:
         raise ConfigError("logging.sample_every: previews decode with the Wan VAE; Qwen-Image runs have no previews "
                           "yet (set logging.sample_every=0 and sample the exported pipeline)")

@@ -1,6 +1,6 @@
 """The trainer backend driving Qwen-Image (model.kind=qwen-image): at TP=1 its teacher velocity is diffusers'
 QwenImageTransformer2DModel on the pipeline's packed latents, sigma timesteps and padded text mask; at
-TP=2 + SP and PP=2 the teacher velocity, the student's update loss and every student gradient equal TP=1
+TP=2 + SP, PP=2 and TP=2 + SP with full recomputation the teacher velocity, the student's update loss and every student gradient equal TP=1
 (through the schedule, DDP, finalize and the distributed optimizer). Config mistakes of Qwen-Image runs
 fail before any model is built."""
 
@@ -64,11 +64,13 @@ def _step(rank, world_size, overrides):
         return 0.5 * ((x[idx] + (0.0 - 0.75) * v - target[idx]) ** 2).mean()
 
     model = backend.trainables["student"].model
+    calls = []
+    model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
     result = backend.train_step("student", x, t_in, text, loss_fn)
     grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
     return dict(out, pp=parallel_state.get_pipeline_model_parallel_rank(),
                 tp=parallel_state.get_tensor_model_parallel_rank(), first=model.layer_offset, count=len(model.blocks),
-                loss=result["loss"], grads=grads)
+                loss=result["loss"], grads=grads, block_calls=len(calls))
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +87,9 @@ def layouts(teacher):
     return {name: run_ranks(_step, world, base + extra)
             for name, (world, extra) in {"tp1": (1, []),
                                          "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-                                         "pp2": (2, ["parallel.pp=2"])}.items()}
+                                         "pp2": (2, ["parallel.pp=2"]),
+                                         "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
+                                                               "model.recompute=full"])}.items()}
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -113,9 +117,11 @@ def test_teacher_velocity_is_diffusers_on_the_pipelines_inputs(layouts):
     assert _rel(r["v_unmasked"][1], r["v"][1]) > 1e-3
 
 
-@pytest.mark.parametrize("layout", ["tp2_sp", "pp2"])
+@pytest.mark.parametrize("layout", ["tp2_sp", "pp2", "tp2_recompute"])
 def test_qwen_backend_layout_equals_single_rank(layouts, layout):
     ref, other = layouts["tp1"], layouts[layout]
+    recomputed = 2 if layout.endswith("recompute") else 1  # the backward runs each block's forward again
+    assert {r["block_calls"] for r in other if r["first"] == 0} == {recomputed}
     for r in other:  # every rank gets the velocity and the loss
         assert _rel(r["v"], ref[0]["v"]) <= 1e-5
         assert abs(r["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"])
@@ -130,7 +136,6 @@ def test_qwen_backend_layout_equals_single_rank(layouts, layout):
     ("model.teacher.subfolders=[transformer,transformer_2]", "model.teacher.subfolders"),
     ("train.latent_shape=[4,2,8,8]", "train.latent_shape"),
     ("data.model=wan", "data.model"),
-    ("model.recompute=full", "model.recompute"),
     ("model.kind=wan", "model.kind"),
 ])
 def test_bad_qwen_image_configs_fail_naming_the_key(teacher, override, key):

@@ -22,13 +22,17 @@ rank] = [L + S / (cp * tp_sp), B, D]. The schedule derives that shape from ``seq
 cp, and by tp under SP), so pass ``schedule_seq_length(S, L)`` = L * cp * tp_sp + S as seq_length.
 Stage 0 owns img_in/txt_norm/txt_in, the last stage norm_out/proj_out; every stage computes the
 timestep embedder (parameters tagged ``pipeline_parallel``, gradients summed over PP).
+
+Full recomputation (``recompute_granularity="full"``, training with grad only): each block keeps its
+inputs and runs again in the backward through Megatron's ``tensor_parallel.checkpoint``, which restores
+the TP RNG states (exact) and skips the last block's discarded text output (None).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import scatter_to_sequence_parallel_region
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from torch import nn
@@ -107,8 +111,12 @@ class QwenImageModel(PipelineStage):
                 raise ValueError(f"received {x.shape[0]} tokens from the previous stage, expected {expected}: "
                                  "pass schedule_seq_length(...) as the schedule's seq_length")
             txt, img = x[:text_len], x[text_len:]
+        recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            img, txt = block(img, txt, temb_act, img_rope, txt_rope, key_mask)
+            if recompute:  # keep only each block's inputs; its activations are rebuilt in the backward
+                img, txt = tensor_parallel.checkpoint(block, False, img, txt, temb_act, img_rope, txt_rope, key_mask)
+            else:
+                img, txt = block(img, txt, temb_act, img_rope, txt_rope, key_mask)
         if not self.post_process:
             return torch.cat([txt, img])
         # As in Wan: the head runs on this CP rank's tokens (all of them across TP), and only its

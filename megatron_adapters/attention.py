@@ -88,7 +88,9 @@ class AllHeadsRMSNorm(MegatronModule):
             raise ValueError(f"q/k norm width {hidden_size} does not split over tp={tp}")
         self.full_size = hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp))
+        # In the model's dtype, as Megatron's own norms: one parameter dtype per model keeps the
+        # distributed optimizer's buffers (and its checkpoint format) simple; computed in fp32 anyway.
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size // tp, dtype=config.params_dtype))
         self.weight.tensor_model_parallel = True
         self.weight.partition_dim = 0
         self.weight.partition_stride = 1

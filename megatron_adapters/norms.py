@@ -25,9 +25,12 @@ class SequenceParallelNorm(torch.nn.Module):
             raise ValueError(f"normalization={self.kind!r}: SequenceParallelNorm supports LayerNorm and RMSNorm")
         self.hidden_size = hidden_size
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
+        # Parameters in the model's dtype, as Megatron's own norms (a bf16 model with fp32 norm weights
+        # breaks the distributed optimizer's checkpoint); the computation is fp32 regardless.
+        dtype = getattr(config, "params_dtype", torch.float32)
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype)) if elementwise_affine else None
         use_bias = elementwise_affine and bias and self.kind == "LayerNorm"
-        self.bias = torch.nn.Parameter(torch.zeros(hidden_size)) if use_bias else None
+        self.bias = torch.nn.Parameter(torch.zeros(hidden_size, dtype=dtype)) if use_bias else None
         sp = bool(getattr(config, "sequence_parallel", False))
         for p in self.parameters():
             p.sequence_parallel = sp

@@ -108,7 +108,7 @@ class ParamTensor:
     numel: int
     split: str  # SPLITS
     place: str  # PLACES
-    fp32: bool = False  # kept in fp32 whatever the model dtype (our norms create their weights in fp32)
+    fp32: bool = False  # kept in fp32 whatever the model dtype (none today: our norms use the model dtype)
 
 
 def _linear(name: str, fan_in: int, fan_out: int, split: str, place: str = "block") -> list[ParamTensor]:
@@ -128,10 +128,10 @@ def param_tensors(arch: Arch) -> list[ParamTensor]:
             out += _linear(f"{stream}_mod", d, 6 * d, "col")  # Column-parallel, output gathered
             out += _linear(qkv, d, 3 * d, "col") + _linear(proj, d, d, "row")
             out += _linear(f"{stream}_mlp.linear_fc1", d, f, "col") + _linear(f"{stream}_mlp.linear_fc2", f, d, "row")
-        out += [ParamTensor(f"attention.{n}.weight", arch.head_dim, "rep", "block", True)
+        out += [ParamTensor(f"attention.{n}.weight", arch.head_dim, "rep", "block")
                 for n in ("q_layernorm", "k_layernorm", "added_q_layernorm", "added_k_layernorm")]
         out += _linear("img_in", arch.in_channels, d, "rep", "pre")
-        out += [ParamTensor("txt_norm.weight", arch.text_dim, "rep", "pre", True)]
+        out += [ParamTensor("txt_norm.weight", arch.text_dim, "rep", "pre")]
         out += _linear("txt_in", arch.text_dim, d, "rep", "pre")
         out += _linear("time_text_embed.linear_1", 256, d, "rep", "cond")
         out += _linear("time_text_embed.linear_2", d, d, "rep", "cond")
@@ -139,15 +139,15 @@ def param_tensors(arch: Arch) -> list[ParamTensor]:
         out += _linear("proj_out", d, arch.patch_volume * arch.out_channels, "rep", "post")
         return out
     out = _linear("self_attention.linear_qkv", d, 3 * d, "col") + _linear("self_attention.linear_proj", d, d, "row")
-    out += [ParamTensor(f"self_attention.{n}.weight", d, "col", "block", True) for n in ("q_norm", "k_norm")]
+    out += [ParamTensor(f"self_attention.{n}.weight", d, "col", "block") for n in ("q_norm", "k_norm")]
     out += _linear("cross_attention.linear_q", d, d, "col") + _linear("cross_attention.linear_kv", d, 2 * d, "col")
     out += _linear("cross_attention.linear_proj", d, d, "row")
-    out += [ParamTensor(f"cross_attention.{n}.weight", d, "col", "block", True) for n in ("q_norm", "k_norm")]
+    out += [ParamTensor(f"cross_attention.{n}.weight", d, "col", "block") for n in ("q_norm", "k_norm")]
     if arch.image_dim:
         out += _linear("cross_attention.linear_added_kv", d, 2 * d, "col")
-        out += [ParamTensor("cross_attention.added_k_norm.weight", d, "col", "block", True)]
+        out += [ParamTensor("cross_attention.added_k_norm.weight", d, "col", "block")]
     if arch.cross_attn_norm:
-        out += [ParamTensor("norm2.weight", d, "rep", "block", True), ParamTensor("norm2.bias", d, "rep", "block", True)]
+        out += [ParamTensor("norm2.weight", d, "rep", "block"), ParamTensor("norm2.bias", d, "rep", "block")]
     out += _linear("mlp.linear_fc1", d, f, "col") + _linear("mlp.linear_fc2", f, d, "row")
     out += [ParamTensor("scale_shift_table", 6 * d, "rep", "block")]
     out += _linear("patch_embedding", arch.in_channels * arch.patch_volume, d, "rep", "pre")

@@ -135,12 +135,11 @@ def test_role_bytes_by_hand():
     split, rep, nonblock = _a14b_by_hand()
     lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
     per_rank = 40 * (split // 2 + rep) + nonblock
-    norms = 40 * (4 * 5120 // 2 + 2 * 5120)  # q/k norms (split over TP) and norm2 (replicated) stay fp32
-    frozen = pl._role_bytes(w, lay, 0, "frozen")
-    assert frozen == {"weights": 2 * per_rank + 2 * norms, "grads": 0.0, "optimizer": 0.0}
+    frozen = pl._role_bytes(w, lay, 0, "frozen")  # norms too are in the model dtype
+    assert frozen == {"weights": 2 * per_rank, "grads": 0.0, "optimizer": 0.0}
     full = pl._role_bytes(w, lay, 0, "full")
     assert frozen["weights"] <= full["weights"] == full["grads"] <= frozen["weights"] * 1.001  # 64-element alignment
-    assert full["optimizer"] == pytest.approx((12 * (per_rank - norms) + 8 * norms) / 32)
+    assert full["optimizer"] == pytest.approx(12 * per_rank / 32)  # fp32 main weights + 2 Adam moments, sharded
     lora = pl._role_bytes(w, lay, 0, "lora")
     d, f, r = 5120, 13824, 64
     # qkv, q, kv, fc1 (Column: A whole, B split), proj x2, fc2 (Row: A split, B whole)

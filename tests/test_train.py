@@ -244,3 +244,18 @@ def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny
         assert ours.keys() == ref.keys() and all(torch.equal(ours[n], ref[n]) for n in ours), k
     proc = _train(root / "interleaved_one", [*inter, "plan.num_phases=1", "plan.renoise_clamp=null"])
     assert proc.returncode == 2 and "method.schedule=interleaved needs plan.num_phases >= 2" in proc.stderr
+
+
+def test_bf16_run_checkpoints_and_resumes(tiny):
+    """bf16 models (every parameter, norms included, in bf16; fp32 main weights in the optimizer) save
+    and load the distributed optimizer's checkpoint."""
+    root, overrides = tiny
+    run_dir = root / "bf16"
+    bf16 = [*overrides, "model.dtype=bf16", "train.checkpoint_every=1", "train.steps=3"]
+    code = _start_and_kill(run_dir, bf16, lambda rows: len(rows) >= 2, signal.SIGKILL)
+    assert code != 0
+    proc = _train(run_dir, bf16)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert [p["status"] for p in manifest["phases"]] == ["done", "done"]
+    assert [r["step"] for r in _metrics(run_dir)][-1] == 6

@@ -112,6 +112,8 @@ class QwenImageModel(PipelineStage):
                                  "pass schedule_seq_length(...) as the schedule's seq_length")
             txt, img = x[:text_len], x[text_len:]
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        if recompute and not img.requires_grad:  # frozen embeddings (LoRA students): see WanModel.forward
+            img = img.detach().requires_grad_(True)
         for block in self.blocks:
             if recompute:  # keep only each block's inputs; its activations are rebuilt in the backward
                 img, txt = tensor_parallel.checkpoint(block, False, img, txt, temb_act, img_rope, txt_rope, key_mask)

@@ -121,6 +121,10 @@ class WanModel(MegatronModule):
         else:
             x = self.input_tensor
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
+        if recompute and not x.requires_grad:
+            # A LoRA student's blocks get a frozen embedding's output: Megatron's (reentrant) checkpoint
+            # would then see no input needing grad and give the adapters inside no gradient at all.
+            x = x.detach().requires_grad_(True)
         with fp8_context(self.config):
             for block in self.blocks:
                 if recompute:  # keep only each block's input; its activations are rebuilt in the backward

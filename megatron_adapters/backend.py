@@ -145,6 +145,11 @@ class MegatronBackend:
         self.tconfig = self.family.transformer_config(self.ctx.model_parallel_kwargs(), params_dtype=self.dtype,
                                                       **recompute)
         self.spec = self.family.layer_spec(cfg.model.spec)
+        fp8 = cfg.model.fp8
+        # Roles in FP8 (TE linears under Megatron's FP8 autocast with this recipe) get their own config.
+        self.tconfig_fp8 = None if fp8 is None else self.family.transformer_config(
+            self.ctx.model_parallel_kwargs(), params_dtype=self.dtype, fp8="hybrid", fp8_recipe=fp8.recipe, **recompute)
+        self.fp8_roles = set() if fp8 is None else set(fp8.roles)
         self.teachers: dict[int, torch.nn.Module] = {}
         self.experts: dict[int, torch.nn.Module] = {}
         self.trainables: dict[str, Trainable] = {}  # the active region's
@@ -183,12 +188,13 @@ class MegatronBackend:
         return (t < self.boundary).long()
 
     # -- roles ------------------------------------------------------------------------------------
-    def build_model(self, expert: int) -> torch.nn.Module:
-        """This rank's stage of teacher expert ``expert``'s architecture, random weights, on the device."""
-        return self.family.build(self.tconfig, expert, self.spec).to(self.device)
+    def build_model(self, expert: int, fp8: bool = False) -> torch.nn.Module:
+        """This rank's stage of teacher expert ``expert``'s architecture, random weights, on the device
+        (its blocks under FP8 autocast when ``fp8``)."""
+        return self.family.build(self.tconfig_fp8 if fp8 else self.tconfig, expert, self.spec).to(self.device)
 
-    def _new_model(self, expert: int) -> torch.nn.Module:
-        model = self.build_model(expert)
+    def _new_model(self, expert: int, fp8: bool = False) -> torch.nn.Module:
+        model = self.build_model(expert, fp8)
         self.family.load_teacher(model, expert)
         return model
 
@@ -199,9 +205,10 @@ class MegatronBackend:
         (``earlier[j] = (teacher expert, checkpoint dir)``)."""
         self.teachers, self.regions, self.frozen = {}, {}, {}
         for e in self._teacher_set({k: (student_expert, renoise_interval)}):
-            self.teachers[e] = _frozen(self._new_model(e))
+            self.teachers[e] = _frozen(self._new_model(e, self._teacher_fp8(e, [student_expert])))
         self.regions[k] = self._region_roles(k, student_expert, renoise_interval, prefix="")
-        self.frozen = {j: _frozen(self.load_expert(e, ckpt)) for j, (e, ckpt) in earlier.items()}
+        self.frozen = {j: _frozen(self.load_expert(e, ckpt, fp8="expert" in self.fp8_roles))
+                       for j, (e, ckpt) in earlier.items()}
         self.activate(k)
 
     def setup_interleaved(self, regions: dict[int, tuple[int, tuple[float, float]]]) -> None:
@@ -215,7 +222,7 @@ class MegatronBackend:
                              f"expert (students start from experts {experts}); set student.lora=null")
         self.teachers, self.regions, self.frozen = {}, {}, {}
         for e in self._teacher_set(regions):
-            self.teachers[e] = _frozen(self._new_model(e))
+            self.teachers[e] = _frozen(self._new_model(e, self._teacher_fp8(e, experts)))
         for k, (e, interval) in regions.items():
             self.regions[k] = self._region_roles(k, e, interval, prefix=f"region{k}.")
         self.activate(min(regions))
@@ -227,6 +234,14 @@ class MegatronBackend:
         self.student_expert = region["student_expert"]
         live = {j: r["trainables"]["student"].ddp for j, r in self.regions.items() if j < k}
         self.experts = {**self.frozen, **live}
+
+    def _teacher_fp8(self, expert: int, student_experts: list[int]) -> bool:
+        """A teacher runs FP8 if configured, except the backbone a LoRA student trains on (unless the
+        student itself is an FP8 role: it IS that backbone)."""
+        if "teacher" not in self.fp8_roles:
+            return False
+        shared = self.cfg.student.lora is not None and expert in student_experts
+        return not shared or "student" in self.fp8_roles
 
     def _teacher_set(self, regions: dict[int, tuple[int, tuple[float, float]]]) -> list[int]:
         lora = self.cfg.student.lora is not None
@@ -244,12 +259,12 @@ class MegatronBackend:
             apply_lora(student, LoRAConfig(rank=lora.rank, alpha=lora.alpha, targets=tuple(lora.targets),
                                            seed=self.cfg.seed + k))
         else:
-            student = self._new_model(student_expert)
-        trainables = {"student": Trainable(f"{prefix}student", student.train(), self.tconfig, self.cfg.student)}
+            student = self._new_model(student_expert, "student" in self.fp8_roles)
+        trainables = {"student": Trainable(f"{prefix}student", student.train(), student.config, self.cfg.student)}
         for e in self.experts_touching(*renoise_interval):
-            fake = self.build_model(e)
+            fake = self.build_model(e, "fake" in self.fp8_roles)
             check_and_load(fake, _base_state(self.teachers[e]), f"initialising fake{e} from teacher expert {e}")
-            trainables[f"fake{e}"] = Trainable(f"{prefix}fake{e}", fake.train(), self.tconfig, self.cfg.fake)
+            trainables[f"fake{e}"] = Trainable(f"{prefix}fake{e}", fake.train(), fake.config, self.cfg.fake)
         return {"trainables": trainables, "student_expert": student_expert, "prefix": prefix}
 
     def _module(self, role: str, e: int):
@@ -387,8 +402,8 @@ class MegatronBackend:
         Path(path).mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(student.sharded_state_dict(prefix="model."), str(path))
 
-    def load_expert(self, expert: int, path: str | Path) -> torch.nn.Module:
-        model = self.build_model(expert)
+    def load_expert(self, expert: int, path: str | Path, fp8: bool = False) -> torch.nn.Module:
+        model = self.build_model(expert, fp8)
         loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="model."), str(path))
         model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
         return model

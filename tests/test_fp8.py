@@ -78,7 +78,7 @@ def test_fp8_context_is_a_no_op_without_fp8():
     import contextlib
     from types import SimpleNamespace
 
-    from megatron_adapters.wan.model import fp8_context
+    from megatron_adapters.fp8 import fp8_context
 
     assert isinstance(fp8_context(SimpleNamespace(fp8=None)), contextlib.nullcontext)
 

@@ -7,6 +7,7 @@ the versions, the exact command and the figures (``--no-record`` skips that). En
 - ``block``: forward and forward+backward of our Wan DiT (Megatron-core, local spec) against diffusers'
   WanTransformer3DModel on the same weights and inputs, timed alternately in one run; ratio of medians
   and the relative error between the two models (a fast but wrong model must not look good).
+- ``memory``: bytes of the resident roles per phase vs all roles resident (``tools/bench_memory.py``).
 - ``data``: the prompt loader's throughput (``data/bench.py``).
 
 On CPU benchmark with one thread: ``OMP_NUM_THREADS=1 python tools/bench.py block`` (``--threads 1`` is
@@ -462,6 +463,28 @@ def run_step(args: argparse.Namespace) -> Result:
                   device=out["device"], ok=out["ok"])
 
 
+def _memory_arguments(p: argparse.ArgumentParser) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_memory import add_arguments
+
+    add_arguments(p)
+
+
+def run_memory(args: argparse.Namespace) -> Result:
+    """Resident roles per phase vs all roles resident, LoRA and full students (tools/bench_memory.py)."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    from bench_memory import bench_memory
+
+    from megatron_adapters.parallel import shutdown
+
+    ctx = _single_process_megatron()
+    try:
+        out = bench_memory(args, ctx)
+    finally:
+        shutdown()
+    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"], device=ctx.device)
+
+
 # -- entry: data ------------------------------------------------------------------------------------
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["wan", "qwen-image"], default="wan")
@@ -491,6 +514,8 @@ ENTRIES: dict[str, Entry] = {
                         _qwen_block_arguments, run_qwen_block),
     "step": Entry("one Phased DMD generator step and one fake step: time by part, overhead vs model passes",
                   _step_arguments, run_step),
+    "memory": Entry("memory per phase: resident roles only vs all roles resident, LoRA vs full student",
+                    _memory_arguments, run_memory),
     "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data,
                   libraries=("webdataset", "safetensors")),
 }

@@ -39,6 +39,7 @@ from torch import nn
 
 from megatron_adapters.builders import replicated_input_config
 from megatron_adapters.comm import gather_for_replicated_use, split_for_rank
+from megatron_adapters.fp8 import fp8_context
 from megatron_adapters.norms import SequenceParallelNorm
 from megatron_adapters.qwen_image.config import EPS, QwenImageConfig
 from megatron_adapters.qwen_image.embeddings import NormOut, TimeTextEmbed, image_segments, rope
@@ -114,11 +115,13 @@ class QwenImageModel(PipelineStage):
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
         if recompute and not img.requires_grad:  # frozen embeddings (LoRA students): see WanModel.forward
             img = img.detach().requires_grad_(True)
-        for block in self.blocks:
-            if recompute:  # keep only each block's inputs; its activations are rebuilt in the backward
-                img, txt = tensor_parallel.checkpoint(block, False, img, txt, temb_act, img_rope, txt_rope, key_mask)
-            else:
-                img, txt = block(img, txt, temb_act, img_rope, txt_rope, key_mask)
+        with fp8_context(self.config):
+            for block in self.blocks:
+                if recompute:  # keep only each block's inputs; its activations are rebuilt in the backward
+                    img, txt = tensor_parallel.checkpoint(block, False, img, txt, temb_act, img_rope, txt_rope,
+                                                          key_mask)
+                else:
+                    img, txt = block(img, txt, temb_act, img_rope, txt_rope, key_mask)
         if not self.post_process:
             return torch.cat([txt, img])
         # As in Wan: the head runs on this CP rank's tokens (all of them across TP), and only its

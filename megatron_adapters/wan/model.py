@@ -14,8 +14,6 @@ computes the (small) condition embedder itself from the batch, whose parameters 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
@@ -30,6 +28,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from megatron_adapters.comm import gather_for_replicated_use, split_for_rank
+from megatron_adapters.fp8 import fp8_context
 from megatron_adapters.wan.config import WanConfig
 from megatron_adapters.wan.embeddings import ConditionEmbedder, patchify_grid, rope_angles, unpatchify
 
@@ -179,17 +178,6 @@ class WanModel(MegatronModule):
         for name, param in self.named_parameters(recurse=False):
             out.update(make_sharded_tensors_for_checkpoint({name: param}, prefix, {}, sharded_offsets))
         return out
-
-
-def fp8_context(config):
-    """Transformer Engine's FP8 autocast with the config's recipe (Megatron's own helper) when the role was
-    built with ``fp8`` set; a no-op otherwise. Only TE linears change: norms, attention and the
-    embeddings/head stay in the model dtype."""
-    if not getattr(config, "fp8", None):
-        return contextlib.nullcontext()
-    from megatron.core.fp8_utils import get_fp8_context
-
-    return get_fp8_context(config)
 
 
 def _call_block(block):

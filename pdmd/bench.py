@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="distillation seeds (default 0)")
     p.add_argument("--steps", type=int, dest="num_steps", help="few-step sampler steps of the students (default 4)")
     p.add_argument("--phases", type=int, help="Phased DMD's phases (default 2)")
-    p.add_argument("--distill-steps", type=int, help="generator updates per method (default 240)")
+    p.add_argument("--distill-steps", type=int, help="generator updates per method (default 200)")
     p.add_argument("--samples", type=int, help="samples per prompt and method (default 256)")
     p.add_argument("--teacher-steps", type=int, help="steps of the reference teacher sampler (default 40)")
     p.add_argument("--fast", action="store_true", help="start from the smoke-test settings of pdmd demo --fast")

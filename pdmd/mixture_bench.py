@@ -43,13 +43,13 @@ class BenchSettings:
     num_steps: int = 4
     phases: int = 2
     shift: float = 5.0
-    distill_steps: int = 240  # generator updates per method (Phased DMD: split evenly over its phases)
+    distill_steps: int = 200  # generator updates per method (Phased DMD: split evenly over its phases)
     fake_ratio: int = 2
     batch: int = 8
     student_lr: float = 1e-4
     fake_lr: float = 1e-4
-    teacher_shared_steps: int = 1200
-    teacher_expert_steps: int = 400
+    teacher_shared_steps: int = 1000
+    teacher_expert_steps: int = 300
     teacher_batch: int = 128
     teacher_steps: int = 40  # the reference sampler
     samples: int = 256  # per prompt and method

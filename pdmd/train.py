@@ -158,10 +158,10 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                     for j in phases if n > 1 else []:  # interleaved: each phase's own updates so far
                         run.update_phase(j, step=sum(1 for i in range(done) if phases[i % n] == j))
                 _barrier()
-            if signalled is not None and done < total:
-                if backend_rank0():
-                    print(f"phase {k}: signal {signalled} received, checkpoint at iteration {done} saved; exiting",
-                          flush=True)
+            if signalled is not None and done < total:  # every rank says so: Slurm logs show each task
+                counted = " (iterations over all phases)" if n > 1 else ""
+                print(f"phase {k}: signal {signalled} received, checkpoint at step {done} saved{counted}; exiting",
+                      flush=True)
                 return EXIT_PREEMPTED
     finally:
         if bar is not None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import os
 import platform
 import shlex
@@ -439,50 +440,41 @@ def run_qwen_block(args: argparse.Namespace) -> Result:
                   device=out.get("device", ctx.device), ok=out["ok"])
 
 
-# -- entry: step ------------------------------------------------------------------------------------
-def _step_arguments(p: argparse.ArgumentParser) -> None:
+# -- entries run by modules of tools/ in one Megatron process: step, memory ---------------------------
+def _tools_module(name: str):
     sys.path.insert(0, str(ROOT / "tools"))
-    from bench_step import add_arguments
+    return importlib.import_module(name)
 
-    add_arguments(p)
+
+def _in_single_process(module: str, function: str, args: argparse.Namespace) -> Result:
+    """Run ``tools/<module>.<function>(args, ctx)`` under a one-process Megatron state, then tear it down."""
+    from megatron_adapters.parallel import shutdown
+
+    ctx = _single_process_megatron()
+    try:
+        out = getattr(_tools_module(module), function)(args, ctx)
+    finally:
+        shutdown()
+    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"],
+                  device=out.get("device", ctx.device), ok=out.get("ok", True))
+
+
+def _step_arguments(p: argparse.ArgumentParser) -> None:
+    _tools_module("bench_step").add_arguments(p)
 
 
 def run_step(args: argparse.Namespace) -> Result:
     """One generator step and one fake step of the tiny recipe, split by part (tools/bench_step.py)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_step import bench_step
-
-    from megatron_adapters.parallel import shutdown
-
-    ctx = _single_process_megatron()
-    try:
-        out = bench_step(args, ctx)
-    finally:
-        shutdown()
-    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"],
-                  device=out["device"], ok=out["ok"])
+    return _in_single_process("bench_step", "bench_step", args)
 
 
 def _memory_arguments(p: argparse.ArgumentParser) -> None:
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_memory import add_arguments
-
-    add_arguments(p)
+    _tools_module("bench_memory").add_arguments(p)
 
 
 def run_memory(args: argparse.Namespace) -> Result:
     """Resident roles per phase vs all roles resident, LoRA and full students (tools/bench_memory.py)."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    from bench_memory import bench_memory
-
-    from megatron_adapters.parallel import shutdown
-
-    ctx = _single_process_megatron()
-    try:
-        out = bench_memory(args, ctx)
-    finally:
-        shutdown()
-    return Result(title=out["title"], headers=out["headers"], rows=out["rows"], notes=out["notes"], device=ctx.device)
+    return _in_single_process("bench_memory", "bench_memory", args)
 
 
 # -- entry: data ------------------------------------------------------------------------------------

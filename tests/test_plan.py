@@ -241,9 +241,48 @@ class _Saved:
         return sum(n for n, refs in self.refs.values() if any(r() is not None for r in refs))
 
 
-def _allocator_peak(fn, device: torch.device) -> int:
-    """Peak bytes the allocator held above its level at the start while ``fn`` ran: CUDA's own peak
-    counter, or on CPU torch.profiler's allocation events, in order."""
+# Leaf BLAS / attention kernels. How much scratch they allocate inside one call depends on the CPU's
+# instruction set: on an AVX-512-with-bf16 CPU a bf16 bmm over an expanded (stride-0) weight goes through
+# oneDNN, which first copies the weight into a contiguous [batch, k, n] buffer; an AVX2 CPU runs the same
+# call in place. CUDA's kernels keep no such copy, and the plan models the tensors that live between ops.
+KERNELS = {"aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm",
+           "aten::_scaled_dot_product_flash_attention_for_cpu",
+           "aten::_scaled_dot_product_flash_attention_for_cpu_backward"}
+
+
+def _cpu_peaks(trace_events: list[dict]) -> tuple[int, int]:
+    """(allocator peak, the same peak without kernel scratch) from a profiler's chrome-trace events.
+    Kernel scratch: an allocation made and freed inside one call of a KERNELS op on the same thread."""
+    memory = sorted((e for e in trace_events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    kernels = [(e["tid"], e["ts"], e["ts"] + e["dur"]) for e in trace_events
+               if e.get("ph") == "X" and e.get("name") in KERNELS]
+    born: dict[int, dict] = {}
+    scratch: set[int] = set()  # indices of the memory events (alloc and free) of scratch allocations
+    for i, e in enumerate(memory):
+        addr, nbytes = e["args"]["Addr"], e["args"]["Bytes"]
+        if nbytes > 0:
+            born[addr] = {"i": i, "ts": e["ts"], "tid": e["tid"]}
+        elif addr in born:
+            a = born.pop(addr)
+            if any(tid == a["tid"] and lo <= a["ts"] and e["ts"] <= hi for tid, lo, hi in kernels):
+                scratch |= {a["i"], i}
+    live = peak = live_no_scratch = peak_no_scratch = 0
+    for i, e in enumerate(memory):
+        live += e["args"]["Bytes"]
+        peak = max(peak, live)
+        if i not in scratch:
+            live_no_scratch += e["args"]["Bytes"]
+            peak_no_scratch = max(peak_no_scratch, live_no_scratch)
+    return peak, peak_no_scratch
+
+
+def _allocator_peak(fn, device: torch.device) -> tuple[int, int]:
+    """(peak, peak without kernel scratch): the bytes the allocator held above its level at the start
+    while ``fn`` ran. CUDA: its own peak counter (no scratch to remove: the plan models CUDA). CPU:
+    torch.profiler's allocation events in order, from its chrome trace (which carries the addresses
+    that pair each allocation with its free)."""
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     if device.type == "cuda":
@@ -252,16 +291,14 @@ def _allocator_peak(fn, device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
+        peak = torch.cuda.max_memory_allocated(device) - base
+        return peak, peak
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(f"{tmp}/trace.json")
+        events = json.loads(Path(f"{tmp}/trace.json").read_text())["traceEvents"]
+    return _cpu_peaks(events)
 
 
 def _storages(params) -> dict[int, int]:
@@ -376,7 +413,9 @@ def _compare(measured: dict, predicted: dict, w: pl.Workload, layout: pl.Layout)
         full = role != "student" or w.lora is None
         act = pl._activation(w, layout, 0, full, tokens)
         rows.append((f"{role} saved activations", got, act["saved"]))
-        rows.append((f"{role} step peak", measured["peaks"][role], act["saved"] + act["train_transient"]))
+        peak, no_scratch = measured["peaks"][role]
+        rows.append((f"{role} step peak (less {peak - no_scratch:,} B of CPU kernel scratch)", no_scratch,
+                     act["saved"] + act["train_transient"]))
     static = sum(v for r in measured["roles"].values() for v in r.values())
     rows.append(("phase resident bytes", static, predicted["static"]))
     return rows
@@ -425,7 +464,13 @@ def measured_runs(tiny_teacher, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize("case", list(CASES))
 def test_memory_model_matches_tiny_backend_runs(case, measured_runs, tiny_teacher):
     """Every role's resident bytes, each training pass's saved activations and the allocator's peak
-    during a training step, measured on rank 0 of the real backend, within 20% of the plan."""
+    during a training step, measured on rank 0 of the real backend, within 20% of the plan.
+
+    Static bytes and saved activations do not depend on the CPU and are compared as they are. The
+    step peak is compared without the scratch that BLAS/attention kernels allocate and free inside one
+    call (KERNELS): its size depends on the CPU's instruction set (a cp2 bf16 LoRA step holds 91 KB more
+    on an AVX-512-bf16 CPU than on an AVX2 one), which the plan, a model of CUDA, does not try to predict.
+    The scratch is measured, not assumed, and printed; test_memory_model_on_cuda checks the raw peak."""
     _, overrides, layout, phases, *per_token = CASES[case]
     per_token = bool(per_token and per_token[0])
     measured = measured_runs[case]
@@ -459,6 +504,24 @@ def test_memory_model_on_cuda(tiny_teacher, tmp_path):
                             for what, got, pred in rows))
     bad = [r for r in rows if not r[1] or abs(r[2] / r[1] - 1) > TOL]
     assert not bad, bad
+
+
+def test_kernel_scratch_is_paired_by_address_and_kernel_interval():
+    """_cpu_peaks: an allocation made and freed inside one matmul kernel call is scratch; one that
+    outlives the call (its output) or lies in no kernel is not; frees pair with allocations by address."""
+    def mem(ts, addr, nbytes, tid=1):
+        return {"name": "[memory]", "ts": ts, "tid": tid, "args": {"Addr": addr, "Bytes": nbytes}}
+
+    events = [
+        {"ph": "X", "name": "aten::bmm", "ts": 10, "dur": 10, "tid": 1},
+        {"ph": "X", "name": "aten::add", "ts": 30, "dur": 10, "tid": 1},
+        mem(0, 1, 100),  # an input, alive throughout
+        mem(11, 2, 1000), mem(12, 3, 50), mem(15, 2, -1000),  # bmm: scratch 1000, output 50
+        mem(31, 4, 7), mem(35, 4, -7),  # inside add, not a kernel: counted
+        mem(32, 5, 9, tid=2), mem(33, 5, -9, tid=2),  # another thread: counted
+        mem(50, 3, -50),
+    ]
+    assert _cpu_peaks(events) == (1150, 166)
 
 
 # -- the command line ---------------------------------------------------------------------------------

@@ -156,6 +156,13 @@ class MegatronBackend:
         self.regions: dict[int, dict] = {}  # k -> that region's trainables, student expert, checkpoint prefix
         self.frozen: dict[int, torch.nn.Module] = {}  # finished earlier phases' experts (sequential schedule)
         self.student_expert = 0
+        # A closed-form real score (the toy benchmark's perfect teacher): the teacher role's velocities
+        # come from it; the teacher networks are still built, to initialise students and fakes.
+        self.exact_teacher = None
+        if cfg.model.teacher.exact is not None:
+            from pdmd.exact_teacher import ExactTeacher
+
+            self.exact_teacher = ExactTeacher.load(cfg.model.teacher.exact)
 
     # -- protocol: who we are ---------------------------------------------------------------------
     @property
@@ -316,6 +323,8 @@ class MegatronBackend:
     def velocity(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                  cond: Conditioning | None = None) -> torch.Tensor:
         """v(x, t) of ``role`` (teacher / fake / student / expert:j), routed per sample to the expert owning t."""
+        if role == "teacher" and self.exact_teacher is not None:
+            return self.exact_teacher.velocity(x, t, text)
         x, text = x.to(self.dtype), text.to(self.dtype)
         if role in ("teacher", "fake"):
             experts = self.expert_of(t)

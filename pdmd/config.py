@@ -30,6 +30,9 @@ class TeacherConfig:
     path: str = ""
     subfolders: list[str] = field(default_factory=lambda: ["transformer"])
     boundary: float | None = None  # Wan2.2 A14B: t >= boundary -> subfolders[0] (high noise), else [1]
+    # A closed-form real score instead of the teacher networks' (pdmd/exact_teacher.py): the file
+    # `pdmd bench toy --teacher exact` writes. The networks at ``path`` still initialise student and fakes.
+    exact: str | None = None
 
 
 FP8_ROLES = ("teacher", "expert", "student", "fake")
@@ -281,6 +284,9 @@ def validate(cfg: RunConfig) -> None:
             raise ConfigError(f"model.kind={m.kind!r} but {teacher / sub} holds a {found}: set model.kind to "
                               f"{next((k for k, c in MODEL_KINDS.items() if c == found), 'the matching kind')!r} "
                               "or point model.teacher.path at the right teacher")
+    if m.teacher.exact is not None and not Path(m.teacher.exact).is_file():
+        raise ConfigError(f"model.teacher.exact={m.teacher.exact}: no such file (an exact-teacher file written by "
+                          "`pdmd bench toy --teacher exact`; null = the teacher networks are the real score)")
     if m.kind == "qwen-image":
         _validate_qwen_image(cfg)
     if len(m.teacher.subfolders) not in (1, 2):

@@ -261,6 +261,37 @@ class MixtureTask:
         """[B] the most probable mode of each sample (argmax of the posterior)."""
         return self.posterior(x, prompt_idx).argmax(-1)
 
+    # --- the exact flow-matching velocity -------------------------------------------------------
+    def velocity(self, x: Tensor, t: Tensor | float, prompt_idx: Tensor | None) -> Tensor:
+        """E[eps - x0 | x_t = x] under x_t = (1 - t) x0 + t eps, exactly: what a perfect teacher predicts.
+
+        Given mode k, x_t ~ N((1 - t) mu_k, V_k) with V_k = (1 - t)^2 std_k^2 + t^2 (diagonal), and
+        (x0, eps) are jointly Gaussian with x_t, so E[x0 | x_t, k] = mu_k + (1 - t) std_k^2 / V_k (x_t - (1 - t) mu_k)
+        and E[eps | x_t, k] = t / V_k (x_t - (1 - t) mu_k); the modes are weighted by their exact posterior
+        at x_t. ``prompt_idx`` [B] picks each sample's mixture; None = the prompt-marginal mixture (every
+        prompt's modes, weights divided by P): the unconditional branch of a CFG teacher. ``t`` is a
+        number or [B]. Computed in float64 on x's device; returned in x's dtype and shape.
+        """
+        xf = x.detach().reshape(x.shape[0], -1).to(torch.float64)
+        if xf.shape[1] != self.dim:
+            raise ValueError(f"x must have {self.dim} elements per sample ({list(self.latent_shape)}); got {list(x.shape)}")
+        tt = torch.as_tensor(t, dtype=torch.float64, device=xf.device).reshape(-1)
+        tt = (tt.expand(xf.shape[0]) if tt.numel() == 1 else tt)[:, None, None]  # [B, 1, 1]
+        if prompt_idx is None:  # every prompt's modes, each prompt equally likely
+            logw = (self.weights.log() - math.log(self.num_prompts)).reshape(1, -1).to(xf.device)
+            mu = self.means.reshape(1, -1, self.dim).to(xf.device)
+            sd = self.stds.reshape(1, -1, self.dim).to(xf.device)
+        else:
+            idx = torch.as_tensor(prompt_idx, device=xf.device).long().reshape(-1)
+            logw, mu, sd = (a.to(xf.device)[idx] for a in (self.weights.log(), self.means, self.stds))
+        var = (1 - tt) ** 2 * sd**2 + tt**2  # [B, M, D]
+        r = xf[:, None, :] - (1 - tt) * mu
+        log_n = -0.5 * (r**2 / var + var.log()).sum(-1)  # log N(x_t; (1-t) mu_k, V_k) up to a constant
+        post = torch.softmax(logw + log_n, dim=-1)  # [B, M]
+        v_k = (tt - (1 - tt) * sd**2) / var * r - mu  # E[eps | k] - E[x0 | k]
+        v = (post[:, :, None] * v_k).sum(1)
+        return v.to(x.dtype).reshape(x.shape)
+
     # --- references for the metrics --------------------------------------------------------------
     def reference(self, prompt: int) -> dict[str, float]:
         """Fixed-seed, mode-stratified references for one prompt (cached): ``pairwise`` = E||x - y|| and

@@ -177,7 +177,7 @@ def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: Bench
 
     def data(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.randint(task.num_prompts, (batch,), generator=gen)
-        return task.sample(idx, gen)[0], embeds[idx]
+        return task.sample(idx, gen)[0], embeds[idx], idx
 
     cfg = FlowTeacherConfig(shared_steps=s.teacher_shared_steps, expert_steps=s.teacher_expert_steps,
                             batch_size=s.teacher_batch, seed=s.task_seed)

@@ -113,7 +113,7 @@ class Trainable:
         self.name, self.model = name, model
         self.ddp = DistributedDataParallel(config, DistributedDataParallelConfig(use_distributed_optimizer=True),
                                            module=model)
-        oc = OptimizerConfig(optimizer="adam", lr=optim.lr, adam_beta1=0.0, adam_beta2=optim.beta2,
+        oc = OptimizerConfig(optimizer="adam", lr=optim.lr, adam_beta1=optim.beta1, adam_beta2=optim.beta2,
                              weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
                              bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=True)
         self.optimizer = get_megatron_optimizer(oc, [self.ddp])

@@ -73,6 +73,9 @@ class ParallelConfig:
 @dataclass
 class MethodConfig:
     sgts: bool = True  # one randomly chosen step of the phase carries the gradient (else the last)
+    # SGTS draws only steps >= this (1-based over the whole sampler): 2 keeps a one-phase student's first
+    # step (from pure noise straight to x0, which collapses modes) out of the draw; an ablation of the benchmark
+    sgts_min_step: int = 1
     dmd_form: str = "velocity"  # velocity (paper) | x0 (normalised surrogate of DMD2/LightX2V)
     cfg_scale: float = 4.0
     fake_loss: str = "subinterval"  # subinterval (paper Eq. 13) | mse (LightX2V) | naive (ablation)
@@ -95,6 +98,7 @@ class LoRASection:
 class OptimConfig:
     lr: float = 5e-5
     weight_decay: float = 0.0
+    beta1: float = 0.0  # DMD2 / the paper: no momentum
     beta2: float = 0.999
     grad_clip: float = 1.0
     lora: LoRASection | None = None  # students only: None trains all parameters
@@ -150,11 +154,33 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def hash(self) -> str:
-        """Identity of the run for the manifest. The parallel layout and logging are left out: a run may
-        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere or differently."""
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run. The parallel layout and logging are left out: a run may
+        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere or differently. Keys
+        added after runs were first started are left out while at their defaults (LATER_KEYS), so that
+        a run started before they existed still resumes."""
         ident = {k: v for k, v in self.to_dict().items() if k not in ("parallel", "wandb", "logging")}
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        for path, default in LATER_KEYS.items():
+            *parents, key = path
+            node = ident
+            for name in parents:
+                node = node.get(name) or {}
+            if isinstance(node, dict) and key in node and node[key] == default:
+                del node[key]
+        return ident
+
+    def hash(self) -> str:
+        """Identity of the run for the manifest (:meth:`identity`)."""
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
+
+
+# Config keys added after the first release, with their defaults (see RunConfig.identity).
+LATER_KEYS: dict[tuple[str, ...], Any] = {
+    ("model", "teacher", "exact"): None,
+    ("student", "beta1"): 0.0,
+    ("fake", "beta1"): 0.0,
+    ("method", "sgts_min_step"): 1,
+}
 
 
 def _build(cls, raw: Any, where: str):
@@ -254,7 +280,7 @@ def validate_fp8(cfg: RunConfig) -> None:
 
 def parity_key(cfg: RunConfig) -> str:
     """What an FP8 parity check vouches for: the run's identity without its FP8 settings."""
-    ident = {k: v for k, v in cfg.to_dict().items() if k not in ("parallel", "wandb", "logging")}
+    ident = cfg.identity()
     ident["model"] = {k: v for k, v in ident["model"].items() if k != "fp8"}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -312,6 +338,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.schedule={meth.schedule!r}: choose sequential (the paper) or interleaved (LightX2V)")
     if meth.schedule == "interleaved" and plan.num_phases < 2:
         raise ConfigError("method.schedule=interleaved needs plan.num_phases >= 2 (it alternates between phases)")
+    if not isinstance(meth.sgts_min_step, int) or not 1 <= meth.sgts_min_step <= plan.num_steps:
+        raise ConfigError(f"method.sgts_min_step={meth.sgts_min_step!r} must be a step of the sampler, "
+                          f"1..{plan.num_steps} (1 = every step may carry the gradient)")
     if not isinstance(meth.fake_ratio, int) or meth.fake_ratio < 1:
         raise ConfigError(f"method.fake_ratio={meth.fake_ratio!r} must be an integer >= 1 (the paper uses 5)")
     if meth.cfg_scale < 0:

@@ -22,11 +22,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdmd.mixture_bench import BenchSettings, report, run_benchmark
+    from pdmd.mixture_bench import BenchSettings, TeacherGateFailed, report, run_benchmark
 
     settings = BenchSettings.fast() if args.fast else BenchSettings()
     if args.seeds:
         settings.seeds = tuple(args.seeds)
-    result = run_benchmark(Path(args.out), settings, progress=sys.stderr.isatty())
+    try:
+        result = run_benchmark(Path(args.out), settings, progress=sys.stderr.isatty())
+    except TeacherGateFailed as exc:
+        print(f"pdmd demo: the teacher is not worth distilling.\n{exc}", file=sys.stderr)
+        return 1
     report(result, Path(args.out))
     return 0

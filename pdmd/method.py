@@ -84,6 +84,7 @@ class PhaseTrainer:
         carries the gradient (SGTS: uniform over the phase's steps; else its last), then its jump to s."""
         x = self._randn(text.shape[0], gen, cond)
         steps = list(self.plan.steps_in_phase(self.k))
+        steps = [i for i in steps if i + 1 >= self.method.sgts_min_step] or steps[-1:]
         j = steps[int(torch.randint(len(steps), (1,), generator=gen))] if self.method.sgts else steps[-1]
         x_in, t_in, v = self._walk(x, text, j, cond)
         return Rollout(x_in=x_in, t_in=t_in, x_gen=_clamp(x_in + (self.s - t_in) * v, cond), step=j)

@@ -4,7 +4,7 @@ The diversity claim (Phased DMD keeps more of the teacher's modes than DMD2+SGTS
 exactly when the data distribution is known. :class:`MixtureTask` is that distribution: for each of P
 prompts a mixture of M Gaussians over latents of shape ``latent_shape`` (e.g. [4, 1, 8, 8], D = 256),
 with exact sampling, exact log-density and exact mode posteriors. :func:`evaluate` turns a set of
-generated samples into the issue-10 metrics, per prompt and averaged; :func:`plot_projection` draws them.
+generated samples into the issue-10 metrics, per prompt and averaged; pdmd/plots.py draws them.
 
 Parameters (all drawn from one seed by :meth:`MixtureTask.make`; defaults in brackets):
 
@@ -23,6 +23,10 @@ Parameters (all drawn from one seed by :meth:`MixtureTask.make`; defaults in bra
 - Weights: a geometric profile ``w_k ~ r^k`` with max/min ratio 3 (r = 3^(-1/(M-1))), shuffled per
   prompt. Smallest weight: 0.13 (M = 4), 0.107 (M = 5), 0.090 (M = 6), 0.068 (M = 8); so with a few
   hundred samples per prompt the smallest mode gets tens of samples and its coverage is measurable.
+- Groups (option ``groups`` > 1): each prompt's modes are split round-robin into that many groups and
+  every mode of a group is moved by the group's own smooth offset of per-dimension RMS ``group_rms``
+  (3.0). Far-apart groups make the high-noise steps matter: which group a sample joins is decided above
+  t ~ 0.8, where a 4-step sampler's first phase works (the benchmark's task for phase 1).
 - Scale: latents have per-dimension RMS about 0.84 (0.8 from the means, ~0.25 within a mode), close to
   the unit scale of the N(0, I) noise a flow-matching teacher starts from.
 
@@ -57,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "weight_ratio": 3.0,  # largest / smallest mode weight
     "num_cosines": 3,
     "max_frequency": 2,
+    "groups": 1,  # > 1: modes sit in that many far-apart groups (mode m in group m % groups)
+    "group_rms": 3.0,  # per-dimension RMS of a group's centre offset (groups > 1 only)
 }
 _REF_PAIRS = 1024  # per mode pair (pairwise distance) and per mode (entropy)
 _MAX_REDRAWS = 1000
@@ -174,6 +180,12 @@ class MixtureTask:
         f_lo, f_hi = opt["dim_factor_range"]
         sigma = s_lo + (s_hi - s_lo) * torch.rand(num_prompts, num_modes, 1, generator=gen, dtype=torch.float64)
         factor = f_lo + (f_hi - f_lo) * torch.rand(num_prompts, num_modes, dim, generator=gen, dtype=torch.float64)
+        groups = int(opt["groups"])
+        if groups > 1:  # drawn last, so that groups=1 tasks are the ones drawn before this option existed
+            for p in range(num_prompts):
+                for g in range(groups):
+                    centre = _smooth_pattern(shape, gen, int(opt["num_cosines"]), int(opt["max_frequency"]))
+                    means[p, g::groups] += centre * float(opt["group_rms"]) / centre.pow(2).mean().sqrt()
         recipe = {"num_prompts": num_prompts, "num_modes": num_modes, "latent_shape": list(shape),
                   "seed": int(seed), "options": {k: list(v) if isinstance(v, tuple) else v for k, v in opt.items()}}
         return cls(shape, weights, means, sigma * factor, recipe)
@@ -482,11 +494,6 @@ def format_metrics(result: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------------
 # the picture
 # ---------------------------------------------------------------------------------------------------
-_PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
-_PANEL, _MARGIN = 340, 34
-
-
 def projection_basis(task: MixtureTask, prompt: int) -> tuple[Tensor, Tensor]:
     """(centre [D], basis [D, 2]): the prompt's mean of means and the top-2 principal directions of its
     mode means (completed by a fixed orthogonal direction when the means span only one)."""
@@ -499,72 +506,6 @@ def projection_basis(task: MixtureTask, prompt: int) -> tuple[Tensor, Tensor]:
         extra -= basis[:, 0] * (basis[:, 0] @ extra)
         basis = torch.stack([basis[:, 0], extra / extra.norm()], 1)
     return centre, basis
-
-
-def plot_projection(task: MixtureTask, samples_by_method: Mapping[str, tuple[Tensor, Tensor]], prompt: int,
-                    path: Path | str) -> Path:
-    """One PNG panel per method: its samples of ``prompt`` projected onto the plane of the top-2
-    principal directions of the true means, coloured by assigned mode, over the true modes (mean cross,
-    1-sigma ellipse of the projected covariance, weight). Same axes in every panel, equal scale.
-
-    Drawn with Pillow (comes with diffusers), like pdmd/toy1d_plot.py, so no plotting library is needed.
-    """
-    from PIL import Image, ImageDraw
-
-    if not 0 <= prompt < task.num_prompts:
-        raise ValueError(f"prompt must lie in 0..{task.num_prompts - 1}; got prompt={prompt!r}")
-    centre, basis = projection_basis(task, prompt)
-    mean2d = (task.means[prompt] - centre) @ basis  # [M, 2]
-    cov2d = torch.einsum("di,md,dj->mij", basis, task.stds[prompt].pow(2), basis)  # [M, 2, 2]
-    panels = []
-    for name, (x, pidx) in samples_by_method.items():
-        xf, idx = task._flat(x, pidx)
-        xf = xf[idx == prompt].cpu()
-        pts = (xf - centre) @ basis
-        modes = task.assign(xf, torch.full((xf.shape[0],), prompt)) if xf.shape[0] else torch.zeros(0).long()
-        panels.append((name, pts, modes))
-
-    max_sd = float(torch.linalg.eigvalsh(cov2d).max().sqrt())
-    pad = max(4.0 * max_sd, 0.08 * float((mean2d.max(0).values - mean2d.min(0).values).max()))
-    lo, hi = mean2d.min(0).values - pad, mean2d.max(0).values + pad
-    half = float((hi - lo).max()) / 2
-    mid = (lo + hi) / 2
-    inner = _PANEL - 2 * _MARGIN
-    image = Image.new("RGB", (_PANEL * max(1, len(panels)), _PANEL), "white")
-    draw = ImageDraw.Draw(image)
-    unit_circle = torch.stack([torch.cos(torch.linspace(0, 2 * math.pi, 65, dtype=torch.float64)),
-                               torch.sin(torch.linspace(0, 2 * math.pi, 65, dtype=torch.float64))], 1)
-    ellipses = [mean2d[m] + unit_circle @ torch.linalg.cholesky(cov2d[m]).T for m in range(task.num_modes)]
-
-    for k, (name, pts, modes) in enumerate(panels):
-        left = k * _PANEL + _MARGIN
-
-        def px(u: float, v: float, left: int = left) -> tuple[float, float]:
-            return (left + (u - float(mid[0]) + half) / (2 * half) * inner,
-                    _MARGIN + (1 - (v - float(mid[1]) + half) / (2 * half)) * inner)
-
-        draw.rectangle([left, _MARGIN, left + inner, _MARGIN + inner], outline=(120, 120, 120))
-        outside = 0
-        for (u, v), m in zip(pts.tolist(), modes.tolist()):
-            a, b = px(u, v)
-            if not (left <= a <= left + inner and _MARGIN <= b <= _MARGIN + inner):
-                outside += 1
-                continue
-            draw.ellipse([a - 1.5, b - 1.5, a + 1.5, b + 1.5], fill=_PALETTE[m % len(_PALETTE)])
-        for m in range(task.num_modes):
-            colour = tuple(int(c * 0.6) for c in _PALETTE[m % len(_PALETTE)])
-            draw.line([px(u, v) for u, v in ellipses[m].tolist()], fill=colour, width=2)
-            a, b = px(*mean2d[m].tolist())
-            draw.line([(a - 5, b), (a + 5, b)], fill="black", width=2)
-            draw.line([(a, b - 5), (a, b + 5)], fill="black", width=2)
-            draw.text((a + 6, b + 2), f"{float(task.weights[prompt, m]):.2f}", fill="black")
-        draw.text((left, 10), f"{name}  (prompt {prompt}, n={pts.shape[0]})", fill="black")
-        note = f"{outside} outside the frame" if outside else "PC1 of the means ->"
-        draw.text((left, _MARGIN + inner + 8), note, fill="black")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format="PNG")
-    return path
 
 
 def save_task(task: MixtureTask, path: Path | str, include_params: bool = True) -> Path:

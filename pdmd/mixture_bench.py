@@ -1,12 +1,16 @@
 """The diversity benchmark on exact ground truth: Phased DMD vs DMD2+SGTS on a known Gaussian mixture.
 
 The product path end to end, on a task whose distribution is known exactly (pdmd/mixture.py): prompts
-go through the real shard writer (tiny UMT5); a two-expert Wan2.2-style teacher is trained by flow
-matching with our Megatron Wan model (megatron_adapters/flow_teacher.py); the real trainer distils it
-with Phased DMD (K phases) and with DMD2+SGTS (one expert, same number of generator updates, same
-seeds); the real exporter writes diffusers folders; samples of the teacher (many steps and few) and of
-both exports are scored against the mixture. `pdmd demo` runs it with fixed settings and `pdmd bench toy`
-with the task's parameters exposed. Everything is cached in the output folder (teacher, shards, runs).
+go through the real shard writer (tiny UMT5); a two-expert Wan2.2-style teacher network is trained on it
+with our Megatron Wan model (megatron_adapters/flow_teacher.py) and must pass a gate (pdmd/teacher_gate.py)
+before anything is distilled from it; the real trainer distils with Phased DMD (K phases) and with
+DMD2+SGTS (one expert, same number of generator updates, same seeds), the real score being either that
+network (``teacher="trained"``) or the closed-form mixture velocity (``teacher="exact"``,
+pdmd/exact_teacher.py: a perfect teacher, so what the student gets wrong is the distillation's doing);
+the real exporter writes diffusers folders; the students are scored against the mixture beside three
+reference rows: exact samples, the teacher's converged ODE (the reference the students are judged
+against) and the teacher at the students' step count. `pdmd demo` runs it with fixed settings and
+`pdmd bench toy` with the task's parameters exposed. Everything is cached in the output folder.
 """
 
 from __future__ import annotations
@@ -23,12 +27,20 @@ from typing import Any
 
 import torch
 
-from pdmd.mixture import METRICS, MixtureTask, evaluate, plot_projection, save_task
+from pdmd.mixture import METRICS, MixtureTask, evaluate, save_task
 from pdmd.schedule import PhasePlan, few_step_timesteps
 
-DEMO_WAN = {"num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 128, "num_layers": 2}
+# The teacher network: big enough that regression on the exact velocity passes the gate (docs/benchmarks.md).
+DEMO_WAN = {"num_attention_heads": 8, "attention_head_dim": 16, "ffn_dim": 512, "num_layers": 2}
 BOUNDARY = 0.875  # Wan2.2 T2V's expert boundary
 MAX_LENGTH = 32
+REFERENCE_SHIFT = 1.0  # the converged reference: many uniform steps (shift 5 leaves a big last step)
+TEACHERS = ("trained", "exact")
+TEACHER_FITS = ("exact", "flow")
+
+
+class TeacherGateFailed(RuntimeError):
+    """The teacher network is not worth distilling (pdmd/teacher_gate.py)."""
 
 
 @dataclass
@@ -37,7 +49,8 @@ class BenchSettings:
 
     prompts: int = 8
     modes: int = 4
-    latent_shape: tuple[int, ...] = (4, 1, 4, 4)  # D = 64, 4 tokens: a teacher learns it in ~1-2 min
+    groups: int = 1  # > 1: far-apart mode groups, decided at high noise (the task where phase 1 matters)
+    latent_shape: tuple[int, ...] = (4, 1, 4, 4)  # D = 64, 4 tokens
     task_seed: int = 0
     seeds: tuple[int, ...] = (0,)  # distillation seeds (each method runs once per seed)
     num_steps: int = 4
@@ -48,19 +61,24 @@ class BenchSettings:
     batch: int = 8
     student_lr: float = 1e-4
     fake_lr: float = 1e-4
+    teacher: str = "trained"  # the real score: the teacher network (trained) or the closed form (exact)
+    teacher_fit: str = "exact"  # how the network learns: regression on the exact velocity, or flow matching
     teacher_shared_steps: int = 1000
     teacher_expert_steps: int = 300
     teacher_batch: int = 128
-    teacher_steps: int = 40  # the reference sampler
+    reference_steps: int = 200  # the converged reference sampler (uniform steps)
     samples: int = 256  # per prompt and method
+    ablations: bool = False  # also the ablation rows (SGTS from step 2, last step only, naive fake, ...)
+    enforce_gate: bool = True  # stop before distilling from a teacher that fails the gate
+    overrides: tuple[str, ...] = ()  # extra trainer overrides for every distillation (experiments)
     wan: dict[str, int] = field(default_factory=lambda: dict(DEMO_WAN))
 
     @classmethod
     def fast(cls) -> BenchSettings:
-        """CI smoke size (~40 s on 2 cores): every stage runs; the students' numbers are rough, the
-        teacher still covers its modes."""
+        """CI smoke size (~1 min on 2 cores): every stage runs; the numbers are rough and the teacher
+        gate is reported but not enforced."""
         return cls(prompts=2, teacher_shared_steps=250, teacher_expert_steps=80, teacher_batch=64, distill_steps=16,
-                   fake_ratio=1, samples=64)
+                   fake_ratio=1, samples=64, reference_steps=50, enforce_gate=False)
 
     def check(self) -> None:
         """Settings that cannot work fail here, before anything is built."""
@@ -71,51 +89,87 @@ class BenchSettings:
             raise ValueError(f"prompts={self.prompts}: choose 1..{available} (the shipped demo prompts)")
         if self.modes < 2:
             raise ValueError(f"modes={self.modes}: a mixture needs at least 2 modes")
+        if not 1 <= self.groups <= self.modes:
+            raise ValueError(f"groups={self.groups}: choose 1..modes ({self.modes})")
         c, f, h, w = self.latent_shape
         if min(self.latent_shape) < 1 or h % 2 or w % 2:
             raise ValueError(f"latent_shape={list(self.latent_shape)}: positive, with even H and W (patch 1x2x2)")
         if not 1 <= self.phases <= self.num_steps:
             raise ValueError(f"phases={self.phases} must lie in 1..steps ({self.num_steps})")
-        if self.distill_steps < self.phases or self.samples < 2 or self.teacher_steps < 1 or not self.seeds:
-            raise ValueError("distill_steps >= phases, samples >= 2, teacher_steps >= 1 and at least one seed, please")
-        for name, overrides in methods(self).items():
+        if self.distill_steps < self.phases or self.samples < 2 or self.reference_steps < 1 or not self.seeds:
+            raise ValueError("distill_steps >= phases, samples >= 2, reference_steps >= 1 and at least one seed, please")
+        if self.teacher not in TEACHERS:
+            raise ValueError(f"teacher={self.teacher!r}: choose {' or '.join(TEACHERS)}")
+        if self.teacher_fit not in TEACHER_FITS:
+            raise ValueError(f"teacher_fit={self.teacher_fit!r}: choose {' or '.join(TEACHER_FITS)}")
+        for m in methods(self):
             plan = {"num_steps": self.num_steps, "shift": self.shift}
-            for o in overrides:
+            for o in m.overrides:
                 key, value = o.split("=", 1)
                 if key.startswith("plan."):
                     plan[key[5:]] = json.loads(value)
             try:
                 PhasePlan.from_config(plan)
             except ValueError as exc:
-                raise ValueError(f"{name}: steps={self.num_steps}, phases={self.phases}: {exc}") from exc
+                raise ValueError(f"{m.name}: steps={self.num_steps}, phases={self.phases}: {exc}") from exc
+
+    def task(self) -> MixtureTask:
+        return MixtureTask.make(self.prompts, self.modes, self.latent_shape, self.task_seed, groups=self.groups)
 
     def teacher_key(self) -> str:
-        """What the cached teacher depends on."""
-        keys = ("prompts", "modes", "latent_shape", "task_seed", "teacher_shared_steps", "teacher_expert_steps",
-                "teacher_batch", "wan")
+        """What the cached teacher network depends on."""
+        keys = ("prompts", "modes", "groups", "latent_shape", "task_seed", "teacher_fit", "teacher_shared_steps",
+                "teacher_expert_steps", "teacher_batch", "wan")
         raw = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True, default=list)
         return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
-def methods(s: BenchSettings) -> dict[str, list[str]]:
-    """Trainer overrides per method; both run ``s.distill_steps`` generator updates in all. Phase 1 of
-    Phased DMD re-noises inside the high-noise expert's range when it ends below the boundary (as the
-    paper's Wan2.2 recipe does)."""
-    phased = [f"plan.num_phases={s.phases}", f"train.steps={max(1, s.distill_steps // s.phases)}"]
-    plan = PhasePlan.from_config({"num_steps": s.num_steps, "shift": s.shift, "num_phases": s.phases})
-    if s.phases > 1 and plan.phase_end(1) < BOUNDARY:
-        phased.append("plan.renoise_clamp=[[" + f"{BOUNDARY},1.0]" + ",null" * (s.phases - 1) + "]")
-    return {
-        "phased_dmd": phased,
-        "dmd2_sgts": ["plan.num_phases=1", f"train.steps={s.distill_steps}"],
-    }
+@dataclass(frozen=True)
+class Method:
+    """One distilled row: ``key`` is its name in the JSON contract, ``name`` its run folder."""
+
+    key: str
+    name: str
+    label: str
+    overrides: tuple[str, ...]
+    teacher: str  # the real score it is distilled from: trained | exact
 
 
-def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int, progress: bool = False) -> dict[str, Any]:
+def methods(s: BenchSettings) -> list[Method]:
+    """The distilled rows; each runs ``s.distill_steps`` generator updates in all. Phase 1 of Phased DMD
+    re-noises inside the high-noise expert's range when it ends below the boundary (the paper's Wan2.2
+    recipe). Ablations (same budget): DMD2+SGTS never stopping at step 1 (pure noise to x0 in one jump),
+    DMD through the last step only, the naive fake target, and Phased DMD from the trained teacher when
+    the exact one is the headline."""
+    n, k = s.num_steps, s.phases
+    phased = (f"plan.num_phases={k}", f"train.steps={max(1, s.distill_steps // k)}")
+    plan = PhasePlan.from_config({"num_steps": n, "shift": s.shift, "num_phases": k})
+    if k > 1 and plan.phase_end(1) < BOUNDARY:
+        phased += ("plan.renoise_clamp=[[" + f"{BOUNDARY},1.0]" + ",null" * (k - 1) + "]",)
+    one = ("plan.num_phases=1", f"train.steps={s.distill_steps}")
+    t = s.teacher
+
+    def row(key: str, label: str, overrides: tuple[str, ...], teacher: str = t) -> Method:
+        return Method(key, key + ("_exact" if teacher == "exact" else ""), label, overrides, teacher)
+
+    rows = [row("phased_dmd", f"Phased DMD ({n} steps, {k} phases)", phased),
+            row("dmd2_sgts", f"DMD2+SGTS ({n} steps, 1 expert)", one)]
+    if s.ablations:
+        rows += [row("dmd2_sgts_j2plus", f"DMD2+SGTS, stop step 2..{n}", one + ("method.sgts_min_step=2",)),
+                 row("dmd_last_step", "DMD, last step only", one + ("method.sgts=false",)),
+                 row("phased_dmd_naive", "Phased DMD, naive fake target", phased + ("method.fake_loss=naive",))]
+        if t == "exact":
+            rows.append(row("phased_dmd", "Phased DMD, trained teacher", phased, "trained"))
+    return rows
+
+
+def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int, exact: Path | None = None,
+           progress: bool = False) -> dict[str, Any]:
     return {
         "seed": seed,
         "model": {"kind": "wan", "spec": "local", "dtype": "fp32",
-                  "teacher": {"path": str(teacher), "subfolders": ["transformer", "transformer_2"], "boundary": BOUNDARY}},
+                  "teacher": {"path": str(teacher), "subfolders": ["transformer", "transformer_2"], "boundary": BOUNDARY,
+                              "exact": None if exact is None else str(exact)}},
         "plan": {"num_steps": s.num_steps, "shift": s.shift, "num_phases": s.phases},
         # CFG 1: the ground truth is the conditional distribution itself.
         "method": {"sgts": True, "dmd_form": "velocity", "cfg_scale": 1.0, "fake_loss": "subinterval",
@@ -131,9 +185,9 @@ def recipe(s: BenchSettings, teacher: Path, shards: Path, seed: int, progress: b
 
 
 # --- stages ------------------------------------------------------------------------------------------
-def prepare_prompts(out: Path, s: BenchSettings) -> tuple[list[str], torch.Tensor, Path]:
+def prepare_prompts(out: Path, s: BenchSettings) -> tuple[list[str], torch.Tensor, torch.Tensor, Path]:
     """The first ``s.prompts`` shipped demo prompts, as shards (the real writer) and as the padded
-    embeddings the trainer's loader yields."""
+    embeddings the trainer's loader yields; also the negative (empty) prompt's."""
     from data.encoders import load_prompt_encoder
     from data.prompts import PromptList, demo_prompts_path, read_prompts
     from data.tiny_encoders import save_tiny_encoder
@@ -153,19 +207,22 @@ def prepare_prompts(out: Path, s: BenchSettings) -> tuple[list[str], torch.Tenso
     if not (shards / "index.json").is_file():
         write_prompt_shards(chosen, shards, encoder, samples_per_shard=8, progress=False)
     embeds = pad_embeds(encoder.encode(texts), MAX_LENGTH)
-    return texts, embeds, shards
+    negative = pad_embeds(encoder.encode([""]), MAX_LENGTH)[0]
+    return texts, embeds, negative, shards
 
 
 def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: BenchSettings,
                     report: Callable[[str, int, float], None]) -> tuple[Path, dict[str, list[float]]]:
-    """Train (or reuse) the two-expert teacher on the mixture; returns its folder and loss curves."""
+    """Train (or reuse) the two-expert teacher network on the mixture; returns its folder and loss curves.
+    ``teacher_fit="exact"`` regresses on the closed-form velocity (the flow-matching loss minus its
+    irreducible noise: same minimiser, far less variance), ``"flow"`` is plain flow matching."""
     import shutil
 
     from data.tiny_encoders import UMT5_DIM
     from megatron_adapters.flow_teacher import FlowTeacherConfig, train_flow_teacher
     from pdmd.tiny_models import write_tiny_wan22_teacher
 
-    folder = out / "teacher"
+    folder = out / f"teacher_g{s.groups}_s{s.task_seed}"
     done = folder / "flow_matching.json"
     if done.is_file():
         cached = json.loads(done.read_text())
@@ -175,20 +232,24 @@ def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: Bench
         shutil.rmtree(folder)
     write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=BOUNDARY, text_dim=UMT5_DIM, **s.wan)
 
-    def data(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def data(batch: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         idx = torch.randint(task.num_prompts, (batch,), generator=gen)
         return task.sample(idx, gen)[0], embeds[idx], idx
 
+    def exact(x_t: torch.Tensor, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        return task.velocity(x_t, t, idx).float()
+
     cfg = FlowTeacherConfig(shared_steps=s.teacher_shared_steps, expert_steps=s.teacher_expert_steps,
                             batch_size=s.teacher_batch, seed=s.task_seed)
-    curves = train_flow_teacher(folder, data, cfg, boundary=BOUNDARY, report=report)
+    curves = train_flow_teacher(folder, data, cfg, boundary=BOUNDARY, report=report,
+                                exact=exact if s.teacher_fit == "exact" else None)
     done.write_text(json.dumps({"key": s.teacher_key(), "curves": curves, "settings": dataclasses.asdict(s)},
                                default=list))
     return folder, curves
 
 
-def distill(out: Path, name: str, overrides: list[str], s: BenchSettings, teacher: Path, shards: Path,
-            seed: int, progress: bool = False) -> Path:
+def distill(out: Path, m: Method, s: BenchSettings, teacher: Path, shards: Path, seed: int, exact: Path,
+            progress: bool = False) -> Path:
     """One method through `pdmd train` (resumes or skips a finished run) and the real exporter."""
     import argparse
 
@@ -197,12 +258,13 @@ def distill(out: Path, name: str, overrides: list[str], s: BenchSettings, teache
     from pdmd.export_layout import EXPORT_INFO
     from pdmd.train import train
 
-    run_dir = out / "runs" / f"{name}_seed{seed}"
-    cfg = load_config(recipe(s, teacher, shards, seed, progress), overrides)
+    run_dir = out / "runs" / f"{m.name}_seed{seed}"
+    cfg = load_config(recipe(s, teacher, shards, seed, exact if m.teacher == "exact" else None, progress),
+                      [*m.overrides, *s.overrides])
     code = train(cfg, str(run_dir))
     if code:
-        raise RuntimeError(f"{name} (seed {seed}): pdmd train exited {code}; see {run_dir}")
-    exported = out / "exports" / f"{name}_seed{seed}"
+        raise RuntimeError(f"{m.name} (seed {seed}): pdmd train exited {code}; see {run_dir}")
+    exported = out / "exports" / f"{m.name}_seed{seed}"
     if not (exported / EXPORT_INFO).is_file():
         export(argparse.Namespace(run=str(run_dir), out=str(exported), base_pipeline=None, lora_only=False,
                                   dtype=None, teacher=None, tp=1, pp=1, verify=False, seed=0, no_hash_check=False))
@@ -228,6 +290,14 @@ def teacher_velocity(teacher: Path):
     return velocity
 
 
+def exact_velocity(path: Path):
+    """The closed-form teacher behind the same call (the negative prompt's rows get the marginal)."""
+    from pdmd.exact_teacher import ExactTeacher
+
+    teacher = ExactTeacher.load(path)
+    return lambda _k, x, t, text: teacher.velocity(x, t, text)
+
+
 def draw(velocity, plan: PhasePlan, embeds: torch.Tensor, s: BenchSettings, seed: int,
          chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``s.samples`` samples per prompt with the Euler sampler the trainer and `pdmd sample` use;
@@ -241,12 +311,22 @@ def draw(velocity, plan: PhasePlan, embeds: torch.Tensor, s: BenchSettings, seed
     return torch.cat(xs), idx, (time.perf_counter() - tic) / len(idx)
 
 
+def reference_plan(s: BenchSettings) -> PhasePlan:
+    return PhasePlan(few_step_timesteps(s.reference_steps, REFERENCE_SHIFT), (1.0, 0.0))
+
+
+def few_step_plan(s: BenchSettings) -> PhasePlan:
+    return PhasePlan(few_step_timesteps(s.num_steps, s.shift), (1.0, 0.0))
+
+
 # --- the benchmark -----------------------------------------------------------------------------------
 def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> dict[str, Any]:
     """Run every stage (cached), score every method, write results.json/results.md and the plots."""
     from tqdm import tqdm
 
+    from pdmd.exact_teacher import ExactTeacher
     from pdmd.sample import ExportedExperts
+    from pdmd.teacher_gate import format_gate, judge, velocity_error_by_t
 
     torch.set_num_threads(1)
     s.check()
@@ -254,57 +334,108 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    bar = tqdm(total=4 + 2 * len(s.seeds), desc="pdmd demo", unit="stage", disable=not progress)
+    rows_to_run = methods(s)
+    bar = tqdm(total=5 + len(rows_to_run) * len(s.seeds), desc="pdmd demo", unit="stage", disable=not progress)
 
     def stage(text: str) -> None:
         bar.set_postfix_str(text)
         bar.update(1)
 
-    task = MixtureTask.make(s.prompts, s.modes, s.latent_shape, s.task_seed)
+    task = s.task()
     save_task(task, out / "task.json")
-    texts, embeds, shards = prepare_prompts(out, s)
+    texts, embeds, negative, shards = prepare_prompts(out, s)
+    exact_file = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher_g{s.groups}_s{s.task_seed}.safetensors")
     stage("prompts written")
-    teacher_bar = tqdm(total=s.teacher_shared_steps + 2 * s.teacher_expert_steps, desc="teacher (flow matching)",
+    teacher_bar = tqdm(total=s.teacher_shared_steps + 2 * s.teacher_expert_steps, desc="teacher network",
                        unit="step", leave=False, disable=not progress)
     teacher, curves = prepare_teacher(out, task, embeds, s, lambda name, i, loss: teacher_bar.update(1))
     teacher_bar.close()
     stage("teacher trained")
 
-    rows: dict[str, list[dict[str, Any]]] = {}
+    # The gate: the network (the real score with teacher=trained; every student's and fake's start).
+    network_v = teacher_velocity(teacher)
+    gate_draws = [draw(network_v, reference_plan(s), embeds, s, seed) for seed in s.seeds]
+    gate_rows = [_scored(d, task, seed, s.reference_steps) for d, seed in zip(gate_draws, s.seeds)]
+    errors = velocity_error_by_t(lambda x, t, text: network_v(0, x, t, text), task, embeds)
+    gate = judge(_mean_metrics(gate_rows), errors)
+    stage("teacher gate")
+    if not gate["passed"] and s.enforce_gate:
+        bar.close()
+        raise TeacherGateFailed(format_gate(gate) + "\n\nTrain the teacher longer or bigger (BenchSettings."
+                                "teacher_shared_steps / teacher_expert_steps / wan), or run with the gate reported only.")
+
+    rows: dict[str, dict[str, Any]] = {}
     samples: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    teacher_v = teacher_velocity(teacher)
-    for label, n in ((f"teacher {s.teacher_steps} steps", s.teacher_steps), (f"teacher {s.num_steps} steps", s.num_steps)):
-        plan = PhasePlan(few_step_timesteps(n, s.shift), (1.0, 0.0))
-        rows[label], samples[label] = [], None
-        for seed in s.seeds:
-            x, idx, per = draw(teacher_v, plan, embeds, s, seed)
-            rows[label].append({"seed": seed, "nfe": n, "seconds_per_sample": per, **evaluate(task, x, idx)})
-            samples[label] = samples[label] or (x, idx)
-    stage("teacher sampled")
+    real_v = network_v if s.teacher == "trained" else exact_velocity(exact_file)
+    who = "teacher network" if s.teacher == "trained" else "exact teacher"
+    reference = f"{who}, {s.reference_steps} steps"
+    for key, label, nfe, plan in (("exact", "exact samples", 0, None),
+                                  ("teacher_ref", reference, s.reference_steps, reference_plan(s)),
+                                  ("teacher_4", f"{who}, {s.num_steps} steps", s.num_steps, few_step_plan(s))):
+        per_seed = []
+        for i, seed in enumerate(s.seeds):
+            if plan is None:
+                idx = torch.arange(task.num_prompts).repeat_interleave(s.samples)
+                drawn = (task.sample(idx, torch.Generator().manual_seed(20_000 + seed))[0], idx, 0.0)
+            elif key == "teacher_ref" and s.teacher == "trained":
+                drawn = gate_draws[i]  # the very draws the gate scored
+            else:
+                drawn = draw(real_v, plan, embeds, s, seed)
+            per_seed.append(_scored(drawn, task, seed, nfe))
+            samples.setdefault(label, drawn[:2])
+        rows[label] = {"method": key, "per_seed": per_seed}
+    stage("references sampled")
 
     run_dirs: dict[str, list[Path]] = {}
     for seed in s.seeds:
-        for name, overrides in methods(s).items():
-            run_dirs.setdefault(name, []).append(distill(out, name, overrides, s, teacher, shards, seed, progress))
-            stage(f"{name} seed {seed}")
-    labels = {"dmd2_sgts": f"DMD2+SGTS ({s.num_steps} steps, 1 expert)",
-              "phased_dmd": f"Phased DMD ({s.num_steps} steps, {s.phases} phases)"}
-    for name, dirs in run_dirs.items():
-        rows[labels[name]] = []
-        for seed in s.seeds[: len(dirs)]:
-            experts = ExportedExperts(out / "exports" / f"{name}_seed{seed}")
-            x, idx, per = draw(experts.velocity, experts.plan, embeds, s, seed)
-            rows[labels[name]].append({"seed": seed, "nfe": s.num_steps, "seconds_per_sample": per,
-                                       **evaluate(task, x, idx)})
-            samples.setdefault(labels[name], (x, idx))
+        for m in rows_to_run:
+            run_dirs.setdefault(m.name, []).append(distill(out, m, s, teacher, shards, seed, exact_file, progress))
+            stage(f"{m.name} seed {seed}")
+    phase1 = None
+    for m in rows_to_run:
+        per_seed = []
+        for seed in s.seeds:
+            experts = ExportedExperts(out / "exports" / f"{m.name}_seed{seed}")
+            drawn = draw(experts.velocity, experts.plan, embeds, s, seed)
+            per_seed.append(_scored(drawn, task, seed, s.num_steps))
+            samples.setdefault(m.label, drawn[:2])
+            if m.key == "phased_dmd" and m.teacher == s.teacher and seed == s.seeds[0] and s.phases > 1:
+                phase1 = phase1_check(experts, real_v, embeds, task, s, seed)
+        rows[m.label] = {"method": m.key, "teacher": m.teacher, "per_seed": per_seed}
     stage("students sampled")
     bar.close()
 
-    result = {"settings": dataclasses.asdict(s), "prompts": texts, "task": task.to_dict(include_params=False),
-              "methods": {label: summarise(r) for label, r in rows.items()},
-              "per_seed": rows, "teacher_curves": curves, "wall_seconds": time.perf_counter() - started}
+    ref_spread = _mean_metrics(rows[reference]["per_seed"])["spread_ratio"]
+    result = {"settings": {**dataclasses.asdict(s), "teacher": s.teacher}, "prompts": texts,
+              "task": task.to_dict(include_params=False), "reference": reference,
+              "methods": {label: summarise(r["method"], r["per_seed"], ref_spread) for label, r in rows.items()},
+              "per_seed": {label: r["per_seed"] for label, r in rows.items()},
+              "teacher_gate": gate, "phase1_check": phase1, "teacher_curves": curves,
+              "wall_seconds": time.perf_counter() - started}
     write_outputs(out, task, result, samples, run_dirs)
     return result
+
+
+def _scored(drawn: tuple[torch.Tensor, torch.Tensor, float], task: MixtureTask, seed: int, nfe: int) -> dict[str, Any]:
+    x, idx, per = drawn
+    return {"seed": seed, "nfe": nfe, "seconds_per_sample": per, **evaluate(task, x, idx)}
+
+
+def _mean_metrics(per_seed: list[dict[str, Any]]) -> dict[str, float]:
+    return {m: sum(r[m] for r in per_seed) / len(per_seed) for m in METRICS}
+
+
+def phase1_check(experts, teacher_v, embeds: torch.Tensor, task: MixtureTask, s: BenchSettings,
+                 seed: int) -> dict[str, Any]:
+    """Does phase 1's expert matter? The same phase-2 expert after phase 1's expert (the student) and
+    after the teacher's own Euler steps over phase 1's timesteps."""
+    def swapped(k: int, x, t, text):
+        return teacher_v(k, x, t, text) if k == 1 else experts.velocity(k, x, t, text)
+
+    with_student = _scored(draw(experts.velocity, experts.plan, embeds, s, seed), task, seed, s.num_steps)
+    with_teacher = _scored(draw(swapped, experts.plan, embeds, s, seed), task, seed, s.num_steps)
+    keep = ("coverage", "tv", "spread_ratio", "precision")
+    return {"phase1_expert": {k: with_student[k] for k in keep}, "teacher_steps": {k: with_teacher[k] for k in keep}}
 
 
 def _quiet() -> None:
@@ -321,43 +452,56 @@ def _quiet() -> None:
     diffusers_logging.set_verbosity_error()
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Mean over seeds of each metric, its spread over seeds, and the mean spread over prompts."""
-    out: dict[str, Any] = {"seeds": len(rows), "nfe": rows[0]["nfe"],
+def summarise(method: str, rows: list[dict[str, Any]], ref_spread: float) -> dict[str, Any]:
+    """The JSON contract's entry of a row: mean over seeds of each metric, its spread over seeds
+    (``_seed_std``), the mean spread over prompts (``_prompt_std``), and the spread ratio to the
+    reference row (the teacher's converged samples) beside the one to the truth."""
+    out: dict[str, Any] = {"method": method, "seeds": len(rows), "nfe": rows[0]["nfe"],
                            "seconds_per_sample": sum(r["seconds_per_sample"] for r in rows) / len(rows)}
     for m in METRICS:
         vals = torch.tensor([r[m] for r in rows], dtype=torch.float64)
         out[m] = float(vals.mean())
         out[f"{m}_seed_std"] = float(vals.std(unbiased=False)) if len(rows) > 1 else math.nan
         out[f"{m}_prompt_std"] = sum(r[f"{m}_std"] for r in rows) / len(rows)
+    to_ref = torch.tensor([r["spread_ratio"] / ref_spread for r in rows], dtype=torch.float64)
+    out["spread_ratio_to_ref"] = float(to_ref.mean())
+    out["spread_ratio_to_ref_seed_std"] = float(to_ref.std(unbiased=False)) if len(rows) > 1 else math.nan
     out["nll_per_dim_true"] = rows[0]["nll_per_dim_true"]
     return out
 
 
+COLUMNS = (("coverage", "mode coverage"), ("tv", "TV to true weights"), ("spread_ratio", "spread ratio"),
+           ("spread_ratio_to_ref", "spread / reference"), ("pairwise_ratio", "pairwise-distance ratio"),
+           ("precision", "precision"), ("nll_per_dim", "NLL/dim"))
+
+
 def results_table(result: dict[str, Any]) -> str:
-    """The markdown table: mean over seeds (± spread over prompts; over seeds when there are several)."""
-    head = ("| method | NFE | mode coverage | TV to true weights | spread ratio | pairwise-distance ratio | "
-            "precision | NLL/dim | ms/sample |")
-    lines = [head, "|" + "---|" * 9]
+    """The markdown table: mean over seeds (± spread over seeds when there are several, else over prompts)."""
+    head = "| method | NFE | " + " | ".join(title for _, title in COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 2)]
+
     def cell(m: dict[str, Any], name: str) -> str:
-        spread = m[f"{name}_seed_std"] if m["seeds"] > 1 else m[f"{name}_prompt_std"]
-        return f"{m[name]:.3f} ± {spread:.3f}"
+        spread = m[f"{name}_seed_std"] if m["seeds"] > 1 else m.get(f"{name}_prompt_std", math.nan)
+        return f"{m[name]:.3f}" + ("" if not math.isfinite(spread) else f" ± {spread:.3f}")
 
     for label, m in result["methods"].items():
-        lines.append(f"| {label} | {m['nfe']} | " + " | ".join(cell(m, n) for n in METRICS) +
-                     f" | {1000 * m['seconds_per_sample']:.2f} |")
+        lines.append(f"| {label} | {m['nfe']} | " + " | ".join(cell(m, n) for n, _ in COLUMNS) + " |")
     s = result["settings"]
     spread = "seeds" if len(s["seeds"]) > 1 else "prompts"
     lines.append("")
-    lines.append(f"{len(s['seeds'])} distillation seed(s) {list(s['seeds'])}; ± = standard deviation over {spread}; "
-                 f"{s['prompts']} prompts x {s['modes']} modes, latents {list(s['latent_shape'])}, {s['samples']} "
-                 f"samples per prompt and method; true NLL/dim {next(iter(result['methods'].values()))['nll_per_dim_true']:.3f}.")
+    groups = "" if s["groups"] == 1 else f" in {s['groups']} groups"
+    true_nll = next(iter(result["methods"].values()))["nll_per_dim_true"]
+    lines.append(f"Real score: {s['teacher']} teacher. {len(s['seeds'])} distillation seed(s) {list(s['seeds'])}; ± = "
+                 f"standard deviation over {spread}; {s['prompts']} prompts x {s['modes']} modes{groups}, latents "
+                 f"{list(s['latent_shape'])}, {s['samples']} samples per prompt and method; reference row: "
+                 f"{result['reference']}; true NLL/dim {true_nll:.3f}.")
     return "\n".join(lines)
 
 
 def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
                   samples: dict[str, tuple[torch.Tensor, torch.Tensor]], run_dirs: dict[str, list[Path]]) -> None:
-    from pdmd.plots import save_loss_curves
+    from pdmd.plots import plot_metric_bars, plot_projection, save_loss_curves
+    from pdmd.teacher_gate import format_gate
 
     (out / "results.json").write_text(json.dumps(result, indent=1, default=float))
     curves = {}
@@ -365,18 +509,26 @@ def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
         rows = [json.loads(line) for line in (dirs[0] / "metrics.jsonl").read_text().splitlines()]
         for key in sorted({k for r in rows for k in r if k.endswith(("/generator_loss", "/fake_loss"))}):
             curves[f"{name} {key}"] = [r[key] for r in rows if r.get(key) is not None]
-    plots = [save_loss_curves(curves, out / "loss_curves.png")]
+    plots = [save_loss_curves(curves, out / "loss_curves.png"), plot_metric_bars(result["methods"], out / "metrics.png")]
     for p in range(min(2, task.num_prompts)):
         plots.append(plot_projection(task, samples, p, out / f"samples_prompt{p}.png"))
     md = ["# pdmd demo: Phased DMD vs DMD2+SGTS on an exact Gaussian mixture", "",
-          results_table(result), "", task.describe(), "",
-          f"Wall time: {result['wall_seconds']:.0f} s. Plots: " + ", ".join(p.name for p in plots) + "."]
+          results_table(result), "", format_gate(result["teacher_gate"]), ""]
+    if result["phase1_check"]:
+        a, b = result["phase1_check"]["phase1_expert"], result["phase1_check"]["teacher_steps"]
+        md += ["Phase 1's expert vs the teacher's own steps before the same phase-2 expert (seed "
+               f"{result['settings']['seeds'][0]}): TV {a['tv']:.3f} vs {b['tv']:.3f}, coverage {a['coverage']:.3f} vs "
+               f"{b['coverage']:.3f}, spread ratio {a['spread_ratio']:.3f} vs {b['spread_ratio']:.3f}.", ""]
+    md += [task.describe(), "", f"Wall time: {result['wall_seconds']:.0f} s. Plots: " + ", ".join(p.name for p in plots) + "."]
     (out / "results.md").write_text("\n".join(md) + "\n")
 
 
 def report(result: dict[str, Any], out: Path) -> None:
     """What the console shows at the end."""
+    from pdmd.teacher_gate import format_gate
+
     print("\n" + results_table(result))
-    print(f"\n{out / 'results.md'}, {out / 'results.json'}, plots {out / 'loss_curves.png'} and "
-          f"{out / 'samples_prompt0.png'}; exported pipelines under {out / 'exports'} "
+    print("\n" + format_gate(result["teacher_gate"]).split("\n")[0])
+    print(f"\n{out / 'results.md'}, {out / 'results.json'}, plots {out / 'metrics.png'}, {out / 'loss_curves.png'} "
+          f"and {out / 'samples_prompt0.png'}; exported pipelines under {out / 'exports'} "
           f"({result['wall_seconds']:.0f} s)")

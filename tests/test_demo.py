@@ -1,6 +1,9 @@
 """`pdmd demo --fast` (the README's first command at smoke size) runs every stage end to end: shards, a
-flow-matching teacher that learns the mixture, both distillations through the trainer, the exports, the
-scoring against the exact mixture, and the files it promises."""
+teacher network that learns the mixture, its gate, both distillations through the trainer, the exports,
+the scoring against the exact mixture, and the files it promises; `pdmd bench toy --fast --teacher exact
+--ablations` does the same from the closed-form teacher with every ablation row, in the same cache, and
+writes the JSON contract. The gate itself: pdmd/teacher_gate.py fails an untrained teacher and passes the
+exact field."""
 
 from __future__ import annotations
 
@@ -16,19 +19,32 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank  # runs the trainer (gloo) in a subprocess
 
 
+def _pdmd(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "pdmd.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pdmd.cli", "demo", "--fast", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return out, proc.stdout
+    return out, _pdmd("demo", "--fast", "--out", str(out)).stdout
+
+
+@pytest.fixture(scope="module")
+def exact_bench(demo):
+    """The closed-form teacher with every ablation, in the demo's cache (its teacher network and shards)."""
+    out, _ = demo
+    _pdmd("bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--out", str(out), "--json",
+          str(out / "exact.json"))
+    return json.loads((out / "exact.json").read_text())
 
 
 def test_demo_writes_results_plots_and_exports(demo):
     out, stdout = demo
-    for name in ("results.md", "results.json", "task.json", "loss_curves.png", "samples_prompt0.png"):
+    for name in ("results.md", "results.json", "task.json", "loss_curves.png", "samples_prompt0.png", "metrics.png"):
         assert (out / name).is_file(), name
     for method in ("phased_dmd", "dmd2_sgts"):
         assert (out / "exports" / f"{method}_seed0" / "model_index.json").is_file()
@@ -43,11 +59,78 @@ def test_demo_teacher_learns_the_mixture_and_all_methods_are_scored(demo):
     out, _ = demo
     result = json.loads((out / "results.json").read_text())
     methods = result["methods"]
-    assert list(methods) == ["teacher 40 steps", "teacher 4 steps", "Phased DMD (4 steps, 2 phases)",
-                             "DMD2+SGTS (4 steps, 1 expert)"]
-    assert methods["teacher 40 steps"]["coverage"] >= 0.75  # the task is learnable at this budget
+    assert list(methods) == ["exact samples", "teacher network, 50 steps", "teacher network, 4 steps",
+                             "Phased DMD (4 steps, 2 phases)", "DMD2+SGTS (4 steps, 1 expert)"]
+    assert [m["method"] for m in methods.values()] == ["exact", "teacher_ref", "teacher_4", "phased_dmd", "dmd2_sgts"]
+    assert methods["teacher network, 50 steps"]["coverage"] >= 0.75  # the task is learnable at this budget
+    assert methods["exact samples"]["precision"] > 0.95 and methods["teacher network, 50 steps"]["spread_ratio_to_ref"] == 1
     for label, m in methods.items():
         assert 0 <= m["coverage"] <= 1 and 0 <= m["tv"] <= 1 and m["pairwise_ratio"] > 0, label
-        assert m["nfe"] == (40 if label == "teacher 40 steps" else 4)
-    per = result["per_seed"]["teacher 40 steps"][0]["per_prompt"]
+        assert m["nfe"] == {"exact": 0, "teacher_ref": 50}.get(m["method"], 4)
+    per = result["per_seed"]["teacher network, 50 steps"][0]["per_prompt"]
     assert len(per) == 2 and all(sum(p["counts"]) == 64 for p in per)
+    gate = result["teacher_gate"]
+    assert gate["passed"] in (True, False) and len(gate["velocity_error_by_t"]) == 8  # fast: reported, not enforced
+    assert set(result["phase1_check"]) == {"phase1_expert", "teacher_steps"}
+
+
+CONTRACT = ("method", "nfe", "coverage", "tv", "spread_ratio", "spread_ratio_to_ref", "precision", "pairwise_ratio",
+            "nll_per_dim")
+METHODS = {"exact", "teacher_ref", "teacher_4", "phased_dmd", "dmd2_sgts", "dmd2_sgts_j2plus", "dmd_last_step",
+           "phased_dmd_naive"}
+
+
+def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_bench, demo):
+    out, _ = demo
+    result = exact_bench
+    assert result["settings"]["teacher"] == "exact"
+    methods = result["methods"]
+    assert {m["method"] for m in methods.values()} == METHODS
+    assert methods["Phased DMD, trained teacher"]["method"] == "phased_dmd"
+    for label, m in methods.items():
+        for key in CONTRACT:
+            assert key in m, (label, key)
+            if key not in ("method", "nfe"):
+                assert f"{key}_seed_std" in m, (label, key)
+    assert result["reference"] == "exact teacher, 50 steps"
+    assert methods["exact teacher, 50 steps"]["precision"] > 0.9  # the exact field, sampled finely
+    assert "passed" in result["teacher_gate"]
+    for name in ("phased_dmd_exact", "dmd2_sgts_exact", "dmd2_sgts_j2plus_exact", "dmd_last_step_exact",
+                 "phased_dmd_naive_exact", "phased_dmd"):
+        manifest = json.loads((out / "runs" / f"{name}_seed0" / "manifest.json").read_text())
+        assert all(p["status"] == "done" for p in manifest["phases"]), name
+    config = json.loads((out / "runs" / "phased_dmd_naive_exact_seed0" / "manifest.json").read_text())["config"]
+    assert config["method"]["fake_loss"] == "naive" and config["model"]["teacher"]["exact"].endswith(".safetensors")
+    j2 = json.loads((out / "runs" / "dmd2_sgts_j2plus_exact_seed0" / "manifest.json").read_text())["config"]
+    assert j2["method"]["sgts_min_step"] == 2 and j2["plan"]["num_phases"] == 1
+
+
+def test_gate_fails_an_untrained_teacher_and_passes_the_exact_field(tmp_path):
+    """pdmd/teacher_gate.py on a 2-prompt task: a random-weight Wan teacher (never trained) fails on every
+    criterion it should; the exact velocity sampled finely passes, with zero excess velocity error."""
+    import torch
+
+    from pdmd.exact_teacher import ExactTeacher
+    from pdmd.mixture import evaluate
+    from pdmd.mixture_bench import BenchSettings, draw, reference_plan, teacher_velocity
+    from pdmd.teacher_gate import format_gate, judge, velocity_error_by_t
+    from pdmd.tiny_models import write_tiny_wan22_teacher
+
+    torch.set_num_threads(1)
+    s = BenchSettings(prompts=2, samples=64, reference_steps=100)
+    task = s.task()
+    embeds = torch.randn(2, 8, 24, generator=torch.Generator().manual_seed(0))
+    closed_form = ExactTeacher(task, embeds)
+    exact = lambda _k, x, t, text: closed_form.velocity(x, t, text)  # noqa: E731
+    untrained = teacher_velocity(write_tiny_wan22_teacher(tmp_path / "teacher", text_dim=24, boundary=0.875))
+    verdicts = {}
+    for name, v in (("exact", exact), ("untrained", untrained)):
+        x, idx, _ = draw(v, reference_plan(s), embeds, s, 0)
+        per_t = velocity_error_by_t(lambda x, t, text, v=v: v(0, x, t, text), task, embeds, samples_per_bin=64)
+        verdicts[name] = judge(evaluate(task, x, idx), per_t)
+    assert verdicts["exact"]["passed"], format_gate(verdicts["exact"])
+    assert all(r["excess"] < 1e-10 for r in verdicts["exact"]["velocity_error_by_t"])
+    bad = verdicts["untrained"]
+    assert not bad["passed"] and any("precision" in r for r in bad["reasons"])
+    assert all(r["excess"] > 0.05 for r in bad["velocity_error_by_t"])
+    assert "FAILED" in format_gate(bad) and "| [0, 0.05) |" in format_gate(bad)

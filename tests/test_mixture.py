@@ -17,10 +17,10 @@ from pdmd.mixture import (
     chi2_quantile,
     evaluate,
     load_task,
-    plot_projection,
     projection_basis,
     save_task,
 )
+from pdmd.plots import plot_metric_bars, plot_projection, save_loss_curves
 
 torch.set_num_threads(1)
 SHAPE = [4, 1, 8, 8]
@@ -342,18 +342,26 @@ def test_evaluate_rejects_mismatched_inputs(task: MixtureTask) -> None:
 # ---------------------------------------------------------------------------------------------------
 # the picture
 # ---------------------------------------------------------------------------------------------------
-def test_plot_projection_writes_a_png(task: MixtureTask, tmp_path) -> None:
+def test_plots_write_pngs(task: MixtureTask, tmp_path) -> None:
+    """pdmd/plots.py: the projection (one panel per method), the metric bars and the loss curves are
+    PNGs with content; a prompt out of range is refused."""
     from PIL import Image
 
     idx = torch.arange(task.num_prompts).repeat(64)
     exact, _ = task.sample(idx, _gen(11))
     m = int(task.weights[1].argmax())
     collapsed = task.sample_given_mode(torch.full((64,), 1), torch.full((64,), m), _gen(12))
-    path = plot_projection(task, {"exact": (exact, idx), "collapsed": (collapsed, torch.full((64,), 1))},
-                           prompt=1, path=tmp_path / "sub" / "proj.png")
-    image = Image.open(path)
-    assert image.format == "PNG" and image.size == (2 * 340, 340)
-    assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 5  # something besides white, black and grey
+    samples = {"exact": (exact, idx), "collapsed": (collapsed, torch.full((64,), 1))}
+    paths = [plot_projection(task, samples, prompt=1, path=tmp_path / "sub" / "proj.png"),
+             plot_metric_bars({name: evaluate(task, x, i) for name, (x, i) in samples.items()}, tmp_path / "bars.png"),
+             save_loss_curves({"a": [1.0, 0.5, 0.01], "b": [2.0, 2.5, float("nan")]}, tmp_path / "loss.png")]
+    for path in paths:
+        image = Image.open(path)
+        assert image.format == "PNG" and min(image.size) > 200
+        assert len(image.convert("RGB").getcolors(maxcolors=1 << 16)) > 5  # more than a blank canvas
+    assert Image.open(paths[0]).size[0] > Image.open(paths[0]).size[1]  # two panels side by side
+    with pytest.raises(ValueError, match="prompt must lie"):
+        plot_projection(task, samples, prompt=9, path=tmp_path / "x.png")
 
 
 def test_projection_basis_is_orthonormal_even_for_two_modes() -> None:

@@ -81,6 +81,9 @@ class MethodConfig:
     fake_loss: str = "subinterval"  # subinterval (paper Eq. 13) | mse (LightX2V) | naive (ablation)
     fake_max_weight: float = 10.0
     fake_ratio: int = 5  # fake updates per generator update (TTUR)
+    # fake updates on the phase's starting generator before its first generator update, so that the
+    # fake scores the generator's samples and not the teacher's distribution it was copied from
+    fake_warmup: int = 0
     # sequential: phase after phase, earlier experts frozen (the paper); interleaved: every phase's student
     # and fakes resident and trained in turn, iteration i on phase (i mod K) + 1 (LightX2V's release)
     schedule: str = "sequential"
@@ -180,6 +183,7 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {
     ("student", "beta1"): 0.0,
     ("fake", "beta1"): 0.0,
     ("method", "sgts_min_step"): 1,
+    ("method", "fake_warmup"): 0,
 }
 
 
@@ -341,6 +345,8 @@ def validate(cfg: RunConfig) -> None:
     if not isinstance(meth.sgts_min_step, int) or not 1 <= meth.sgts_min_step <= plan.num_steps:
         raise ConfigError(f"method.sgts_min_step={meth.sgts_min_step!r} must be a step of the sampler, "
                           f"1..{plan.num_steps} (1 = every step may carry the gradient)")
+    if not isinstance(meth.fake_warmup, int) or meth.fake_warmup < 0:
+        raise ConfigError(f"method.fake_warmup={meth.fake_warmup!r} must be an integer >= 0 (0 = none)")
     if not isinstance(meth.fake_ratio, int) or meth.fake_ratio < 1:
         raise ConfigError(f"method.fake_ratio={meth.fake_ratio!r} must be an integer >= 1 (the paper uses 5)")
     if meth.cfg_scale < 0:

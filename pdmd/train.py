@@ -102,6 +102,12 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
     negative_single = _text(backend, loader.negative)
     batches = loader.forever()
+    if start == 0 and cfg.method.fake_warmup:  # a fresh phase: the fakes first learn the starting generator
+        for k in phases:
+            backend.activate(k)
+            for i in range(cfg.method.fake_warmup):
+                batch = next(batches)
+                trainers[k].fake_step(-1 - i, 0, _text(backend, batch), Conditioning.from_batch(batch, backend.device))
     bad = dict.fromkeys(phases, 0)
     steps, n = cfg.train.steps, len(phases)
     total = steps * n  # iterations; each phase gets train.steps generator updates

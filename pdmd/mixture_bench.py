@@ -258,17 +258,22 @@ def distill(out: Path, m: Method, s: BenchSettings, teacher: Path, shards: Path,
     from pdmd.export_layout import EXPORT_INFO
     from pdmd.train import train
 
-    run_dir = out / "runs" / f"{m.name}_seed{seed}"
     cfg = load_config(recipe(s, teacher, shards, seed, exact if m.teacher == "exact" else None, progress),
                       [*m.overrides, *s.overrides])
+    name = run_name(m, seed, cfg.hash())  # other settings never meet this run's cache
+    run_dir = out / "runs" / name
     code = train(cfg, str(run_dir))
     if code:
         raise RuntimeError(f"{m.name} (seed {seed}): pdmd train exited {code}; see {run_dir}")
-    exported = out / "exports" / f"{m.name}_seed{seed}"
+    exported = out / "exports" / name
     if not (exported / EXPORT_INFO).is_file():
         export(argparse.Namespace(run=str(run_dir), out=str(exported), base_pipeline=None, lora_only=False,
                                   dtype=None, teacher=None, tp=1, pp=1, verify=False, seed=0, no_hash_check=False))
     return run_dir
+
+
+def run_name(m: Method, seed: int, config_hash: str) -> str:
+    return f"{m.name}_seed{seed}_{config_hash[:8]}"
 
 
 # --- samplers ----------------------------------------------------------------------------------------
@@ -394,8 +399,8 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     phase1 = None
     for m in rows_to_run:
         per_seed = []
-        for seed in s.seeds:
-            experts = ExportedExperts(out / "exports" / f"{m.name}_seed{seed}")
+        for seed, run_dir in zip(s.seeds, run_dirs[m.name]):
+            experts = ExportedExperts(out / "exports" / run_dir.name)
             drawn = draw(experts.velocity, experts.plan, embeds, s, seed)
             per_seed.append(_scored(drawn, task, seed, s.num_steps))
             samples.setdefault(m.label, drawn[:2])

@@ -102,12 +102,16 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
     negative_single = _text(backend, loader.negative)
     batches = loader.forever()
+    warmup: dict[int, float] = {}  # each phase's mean fake loss over its warm-up, logged with its first step
     if start == 0 and cfg.method.fake_warmup:  # a fresh phase: the fakes first learn the starting generator
         for k in phases:
             backend.activate(k)
+            losses = []
             for i in range(cfg.method.fake_warmup):
                 batch = next(batches)
-                trainers[k].fake_step(-1 - i, 0, _text(backend, batch), Conditioning.from_batch(batch, backend.device))
+                cond = Conditioning.from_batch(batch, backend.device)
+                losses.append(trainers[k].fake_step(-1 - i, 0, _text(backend, batch), cond)["fake_loss"])
+            warmup[k] = sum(losses) / len(losses)
     bad = dict.fromkeys(phases, 0)
     steps, n = cfg.train.steps, len(phases)
     total = steps * n  # iterations; each phase gets train.steps generator updates
@@ -141,6 +145,8 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             scalars[f"phase{k}/student_lr"] = cfg.student.lr
             scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
             scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
+            if k in warmup:
+                scalars[f"phase{k}/fake_warmup_loss"] = warmup.pop(k)
             done, global_step = it + 1, (owner - 1) * steps + it + 1
             if (step + 1) % cfg.train.log_every == 0:
                 logger.log(global_step, scalars)

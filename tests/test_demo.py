@@ -38,8 +38,15 @@ def exact_bench(demo):
     """The closed-form teacher with every ablation, in the demo's cache (its teacher network and shards)."""
     out, _ = demo
     _pdmd("bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--out", str(out), "--json",
-          str(out / "exact.json"))
+          str(out / "exact.json"), "--set", "method.fake_warmup=2")
     return json.loads((out / "exact.json").read_text())
+
+
+def _one(folder: Path, prefix: str) -> Path:
+    """The run (or export) folder of a method and seed: its name ends in the config's hash."""
+    found = sorted(folder.glob(f"{prefix}*"))
+    assert len(found) == 1, (prefix, found)
+    return found[0]
 
 
 def test_demo_writes_results_plots_and_exports(demo):
@@ -47,10 +54,10 @@ def test_demo_writes_results_plots_and_exports(demo):
     for name in ("results.md", "results.json", "task.json", "loss_curves.png", "samples_prompt0.png", "metrics.png"):
         assert (out / name).is_file(), name
     for method in ("phased_dmd", "dmd2_sgts"):
-        assert (out / "exports" / f"{method}_seed0" / "model_index.json").is_file()
-        manifest = json.loads((out / "runs" / f"{method}_seed0" / "manifest.json").read_text())
+        assert (_one(out / "exports", f"{method}_seed0_") / "model_index.json").is_file()
+        manifest = json.loads((_one(out / "runs", f"{method}_seed0_") / "manifest.json").read_text())
         assert all(p["status"] == "done" for p in manifest["phases"])
-    phases = json.loads((out / "runs" / "phased_dmd_seed0" / "manifest.json").read_text())["phases"]
+    phases = json.loads((_one(out / "runs", "phased_dmd_seed0_") / "manifest.json").read_text())["phases"]
     assert len(phases) == 2
     assert "| Phased DMD (4 steps, 2 phases) | 4 |" in stdout and "| DMD2+SGTS (4 steps, 1 expert) | 4 |" in stdout
 
@@ -96,12 +103,19 @@ def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_
     assert methods["exact teacher, 50 steps"]["precision"] > 0.9  # the exact field, sampled finely
     assert "passed" in result["teacher_gate"]
     for name in ("phased_dmd_exact", "dmd2_sgts_exact", "dmd2_sgts_j2plus_exact", "dmd_last_step_exact",
-                 "phased_dmd_naive_exact", "phased_dmd"):
-        manifest = json.loads((out / "runs" / f"{name}_seed0" / "manifest.json").read_text())
+                 "phased_dmd_naive_exact"):
+        manifest = json.loads((_one(out / "runs", f"{name}_seed0_") / "manifest.json").read_text())
         assert all(p["status"] == "done" for p in manifest["phases"]), name
-    config = json.loads((out / "runs" / "phased_dmd_naive_exact_seed0" / "manifest.json").read_text())["config"]
+    trained = [p for p in (out / "runs").glob("phased_dmd_seed0_*")]
+    assert len(trained) == 2  # the demo's and the ablation's (with the warm-up): never the same cache
+    config = json.loads((_one(out / "runs", "phased_dmd_naive_exact_seed0_") / "manifest.json").read_text())["config"]
     assert config["method"]["fake_loss"] == "naive" and config["model"]["teacher"]["exact"].endswith(".safetensors")
-    j2 = json.loads((out / "runs" / "dmd2_sgts_j2plus_exact_seed0" / "manifest.json").read_text())["config"]
+    rows = [json.loads(line) for line in
+            (_one(out / "runs", "phased_dmd_exact_seed0_") / "metrics.jsonl").read_text().splitlines()]
+    warm = [r for r in rows if any(k.endswith("/fake_warmup_loss") for k in r)]  # --set method.fake_warmup=2
+    assert [sorted(k for k in r if k.endswith("fake_warmup_loss")) for r in warm] == [["phase1/fake_warmup_loss"],
+                                                                                      ["phase2/fake_warmup_loss"]]
+    j2 = json.loads((_one(out / "runs", "dmd2_sgts_j2plus_exact_seed0_") / "manifest.json").read_text())["config"]
     assert j2["method"]["sgts_min_step"] == 2 and j2["plan"]["num_phases"] == 1
 
 

@@ -1,6 +1,8 @@
-"""The trainer backend at TP=2, at PP=2, with 2 micro-batches and with full activation recomputation (TP=2
-+ SP) computes what it computes at TP=1 with one: teacher velocities, the student's update loss and every student gradient (through the schedule,
-DDP, finalize and the distributed optimizer)."""
+"""The trainer backend computes at TP=2 (+ SP), at PP=2, with 2 micro-batches and with full activation
+recomputation (TP=2 + SP) what it computes at TP=1 with one, for both model families: teacher velocities,
+the student's update loss and every student gradient (through the schedule, DDP, finalize and the
+distributed optimizer). For Qwen-Image (model.kind=qwen-image) the TP=1 teacher velocity is also diffusers'
+QwenImageTransformer2DModel on the pipeline's packed latents, sigma timesteps and padded text mask."""
 
 from __future__ import annotations
 
@@ -9,83 +11,142 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import ROOT, rel_err
 from tests.multirank import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank
+RECIPES = {"wan": ROOT / "configs" / "tiny_wan22.yaml", "qwen": ROOT / "configs" / "tiny_qwen_image.yaml"}
+# family -> layout -> (world size, overrides); "tp1" is the reference of its family
+LAYOUTS = {
+    "wan": {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
+            "tp1_mb2": (1, ["train.num_micro_batches=2"]),
+            "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full"])},
+    "qwen": {"tp1": (1, []), "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+             "pp2": (2, ["parallel.pp=2"]),
+             "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full"])},
+}
+CASES = [(family, layout) for family, layouts in LAYOUTS.items() for layout in layouts if layout != "tp1"]
 
 
-def _step(rank, world_size, overrides):
-    from megatron.core import parallel_state
+def _inputs(family, cfg):
+    """Latents, the text tensor the backend takes, a regression target; for Qwen-Image also the prompt
+    embeddings and mask (the second prompt 3 tokens shorter: padding, zeros, masked)."""
+    from pdmd.model_io import pack_text
 
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.config import load_config
-
-    cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml", overrides)
-    backend = MegatronWanBackend(cfg)
-    plan = cfg.phase_plan()
-    backend.setup_phase(2, 1, {}, plan.renoise_interval(2))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *cfg.train.latent_shape, generator=g)
-    text = torch.randn(2, 32, 24, generator=g)
+    if family == "wan":
+        return x, torch.randn(2, 32, 24, generator=g), torch.randn(2, *cfg.train.latent_shape, generator=g), None
+    embeds = torch.randn(2, 7, 32, generator=g)
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 4:] = 0
+    embeds = embeds * mask[..., None]
     target = torch.randn(2, *cfg.train.latent_shape, generator=g)
-    t = torch.tensor([0.95, 0.3])  # one sample per teacher expert
-    v_teacher = backend.velocity("teacher", x, t, text)
-    t_in = torch.full((2,), 0.625)
+    return x, pack_text(embeds, mask), target, (embeds, mask)
+
+
+def _qwen_diffusers_velocity(cfg, x, t, embeds, mask):
+    """The teacher as QwenImagePipeline calls it: packed latents, sigma timesteps, the padded mask."""
+    from diffusers import QwenImageTransformer2DModel
+
+    from pdmd.model_io import pack_latents, unpack_latents
+
+    ref = QwenImageTransformer2DModel.from_pretrained(Path(cfg.model.teacher.path) / "transformer").eval()
+    h, w = x.shape[-2:]
+    with torch.no_grad():
+        v = ref(hidden_states=pack_latents(x), encoder_hidden_states=embeds, encoder_hidden_states_mask=mask,
+                timestep=t, img_shapes=[[(1, h // 2, w // 2)]] * 2, return_dict=False)[0]
+    return unpack_latents(v, h, w)
+
+
+def _step(rank, world_size, family, overrides):
+    from megatron.core import parallel_state
+
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.config import load_config
+    from pdmd.model_io import pack_text
+
+    torch.set_num_threads(1)
+    cfg = load_config(RECIPES[family], overrides)
+    backend = MegatronBackend(cfg)
+    # phase 2 of the tiny recipes: Wan's low-noise expert (and its t < 0.875 range), Qwen-Image's one transformer
+    backend.setup_phase(2, 1 if family == "wan" else 0, {}, cfg.phase_plan().renoise_interval(2))
+    x, text, target, prompt = _inputs(family, cfg)
+    t = torch.tensor([0.95, 0.3] if family == "wan" else [0.9, 0.3])  # Wan: one sample per teacher expert
+    out = {"v": backend.velocity("teacher", x, t, text)}
+    if family == "qwen" and world_size == 1:  # the family's view of the model against diffusers
+        embeds, mask = prompt
+        out["v_diffusers"] = _qwen_diffusers_velocity(cfg, x, t, embeds, mask)
+        out["v_unmasked"] = backend.velocity("teacher", x, t, pack_text(embeds, torch.ones_like(mask)))
+    t_end = {"wan": 0.625, "qwen": 0.75}[family]  # the phase's first step: t_in = its start, updated to 0
+    t_in = torch.full((2,), t_end)
 
     def loss_fn(v, idx):
-        return 0.5 * ((x[idx] + (0.0 - 0.625) * v - target[idx]) ** 2).mean()
+        return 0.5 * ((x[idx] + (0.0 - t_end) * v - target[idx]) ** 2).mean()
 
     model = backend.trainables["student"].model
     calls = []
     model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
-    out = backend.train_step("student", x, t_in, text, loss_fn)
+    result = backend.train_step("student", x, t_in, text, loss_fn)
     grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
-    return dict(pp=parallel_state.get_pipeline_model_parallel_rank(), tp=parallel_state.get_tensor_model_parallel_rank(),
-                first=model.layer_offset, count=len(model.blocks), v=v_teacher, loss=out["loss"], grads=grads,
-                block_calls=len(calls))
+    return dict(out, pp=parallel_state.get_pipeline_model_parallel_rank(),
+                tp=parallel_state.get_tensor_model_parallel_rank(), first=model.layer_offset, count=len(model.blocks),
+                loss=result["loss"], grads=grads, block_calls=len(calls))
 
 
 @pytest.fixture(scope="module")
-def layouts(tmp_path_factory):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
+def layouts(request):
+    """(family, layout) -> every rank's result, run on first use (a family's teacher is built only then)."""
+    cache = {}
 
-    root = tmp_path_factory.mktemp("layouts")
-    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", root / "data")
-    base = [f"model.teacher.path={teacher}", f"data.shards={shards}", "student.lora=null"]
-    return {name: run_ranks(_step, world, base + extra)
-            for name, (world, extra) in {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]),
-                                         "pp2": (2, ["parallel.pp=2"]),
-                                         "tp1_mb2": (1, ["train.num_micro_batches=2"]),
-                                         "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true",
-                                                               "model.recompute=full"])}.items()}
+    def get(family, layout):
+        if (family, layout) not in cache:
+            tiny = request.getfixturevalue("wan_tiny" if family == "wan" else "qwen_tiny")
+            # a full student: every parameter's gradient is compared; the backend never opens the shards
+            base = [f"model.teacher.path={tiny.teacher}", f"data.shards={tiny.shards}", "student.lora=null"]
+            world, extra = LAYOUTS[family][layout]
+            cache[family, layout] = run_ranks(_step, world, family, base + extra)
+        return cache[family, layout]
+
+    return get
 
 
-def _diffusers_grads(ranks):
+def _diffusers_grads(family, ranks):
     from megatron_adapters.conversion import diffusers_from_shards
+    from megatron_adapters.qwen_image.config import QwenImageConfig
+    from megatron_adapters.qwen_image.convert import qwen_image_rules
     from megatron_adapters.wan.config import WanConfig
     from megatron_adapters.wan.convert import wan_rules
-    from pdmd.tiny_models import TINY_WAN
+    from pdmd.tiny_models import TINY_QWEN_IMAGE, TINY_WAN
 
+    rules = (wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})) if family == "wan"
+             else qwen_image_rules(QwenImageConfig.from_dict(TINY_QWEN_IMAGE)))
     shards = {(r["pp"], r["tp"]): r["grads"] for r in ranks}
     pp = max(r["pp"] for r in ranks) + 1
     stages = [next((r["first"], r["count"]) for r in ranks if r["pp"] == s) for s in range(pp)]
-    tp = max(r["tp"] for r in ranks) + 1
-    return diffusers_from_shards(shards, wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})), stages, tp)
+    return diffusers_from_shards(shards, rules, stages, max(r["tp"] for r in ranks) + 1)
 
 
-@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp1_mb2", "tp2_recompute"])
-def test_backend_layout_equals_single_rank(layouts, layout):
-    ref, other = layouts["tp1"], layouts[layout]
-    passes = 2 if layout == "tp1_mb2" else 1  # micro-batches
+@pytest.mark.parametrize("family, layout", CASES, ids=[f"{f}-{lay}" for f, lay in CASES])
+def test_backend_layout_equals_single_rank(layouts, family, layout):
+    ref, other = layouts(family, "tp1"), layouts(family, layout)
+    passes = 2 if layout.endswith("mb2") else 1  # micro-batches
     recomputed = 2 if layout.endswith("recompute") else 1  # the backward runs each block's forward again
     assert {r["block_calls"] for r in other if r["first"] == 0} == {passes * recomputed}
     for r in other:  # every rank gets the velocity and the loss
-        assert torch.allclose(r["v"], ref[0]["v"], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(r["v"], ref[0]["v"], rtol=1e-5, atol=1e-6) and rel_err(r["v"], ref[0]["v"]) <= 1e-5
         assert abs(r["loss"] - ref[0]["loss"]) <= 1e-5 * abs(ref[0]["loss"])
-    ref_grads, grads = _diffusers_grads(ref), _diffusers_grads(other)
+    ref_grads, grads = _diffusers_grads(family, ref), _diffusers_grads(family, other)
     assert grads.keys() == ref_grads.keys()
+    assert sum(g.norm() for g in ref_grads.values()) > 0
     for name, g in grads.items():
-        assert ((g - ref_grads[name]).norm() / ref_grads[name].norm().clamp_min(1e-20)) <= 1e-5, name
+        assert rel_err(g, ref_grads[name]) <= 1e-5, name
+
+
+def test_qwen_teacher_velocity_is_diffusers_on_the_pipelines_inputs(layouts):
+    (r,) = layouts("qwen", "tp1")
+    assert r["v"].shape == (2, 4, 1, 8, 8)
+    assert rel_err(r["v"], r["v_diffusers"]) <= 1e-5
+    # the mask travels with the text: unmasking the padded prompt changes its velocity, not the other one's
+    assert rel_err(r["v_unmasked"][0], r["v"][0]) <= 1e-6
+    assert rel_err(r["v_unmasked"][1], r["v"][1]) > 1e-3

@@ -56,13 +56,8 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_fakes_reinitialised_every_phase_and_earlier_expert_frozen(tmp_path):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
-
-    teacher = write_tiny_wan22_teacher(tmp_path / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", tmp_path / "data")
-    (out,) = run_ranks(_phases, 1, [f"model.teacher.path={teacher}", f"data.shards={shards}"], tmp_path / "expert1")
+def test_fakes_reinitialised_every_phase_and_earlier_expert_frozen(wan_tiny, tmp_path):
+    (out,) = run_ranks(_phases, 1, wan_tiny.overrides, tmp_path / "expert1")
     assert out["phase1_roles"] == ["fake0", "student"]  # phase 1 re-noises inside expert 0's range only
     assert out["phase1_fake0_is_teacher"] and out["phase1_fake0_moved"]
     assert out["phase2_roles"] == ["fake0", "fake1", "student"]
@@ -90,15 +85,9 @@ def _lora_grad_norms(rank, world_size, overrides):
     return out
 
 
-def test_recompute_trains_a_lora_student_like_no_recompute(tmp_path):
+def test_recompute_trains_a_lora_student_like_no_recompute(wan_tiny):
     """A LoRA student's blocks get a frozen embedding's output; recomputation must still give its adapters
     their gradients (Megatron's reentrant checkpoint would silently give none)."""
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
-
-    teacher = write_tiny_wan22_teacher(tmp_path / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", tmp_path / "data")
-    (out,) = run_ranks(_lora_grad_norms, 1, [f"model.teacher.path={teacher}", f"data.shards={shards}",
-                                             "student.lora.rank=4"])
+    (out,) = run_ranks(_lora_grad_norms, 1, [*wan_tiny.overrides, "student.lora.rank=4"])
     assert out["none"] > 0
     assert out["full"] == pytest.approx(out["none"], rel=1e-5)

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from data.loader import PromptDataConfig, PromptLoader
-from tests.tiny_encoders import build_dataset
 
 B = 3
 
@@ -19,8 +18,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    return build_dataset("umt5", tmp_path_factory.mktemp("corrupt"), samples_per_shard=5, max_length=32)
+def clean(umt5_shards):
+    """conftest's UMT5 shards (37 prompts, 5 a shard, max_length 32): copied before they are damaged."""
+    return umt5_shards
 
 
 def damaged(clean_dir, dst):

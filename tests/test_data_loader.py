@@ -25,8 +25,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def wan(tmp_path_factory):
-    return build_dataset("umt5", tmp_path_factory.mktemp("wan"), samples_per_shard=5, max_length=32)
+def wan(umt5_shards):
+    """conftest's UMT5 shards (37 prompts, 5 a shard, max_length 32); tests copy them before editing."""
+    return umt5_shards
 
 
 @pytest.fixture(scope="module")

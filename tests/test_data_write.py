@@ -15,7 +15,7 @@ from data.format import check_index, embeds_from_bytes
 from data.loader import PromptDataConfig, PromptLoader
 from data.prompts import parse_prompts, read_prompts
 from data.writer import write_prompt_shards
-from tests.tiny_encoders import build_dataset, tiny_parts
+from tests.tiny_encoders import tiny_parts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,8 +26,9 @@ def _one_thread():
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    return build_dataset("umt5", tmp_path_factory.mktemp("write"), samples_per_shard=5, max_length=32)
+def built(umt5_shards):
+    """conftest's UMT5 shards, written by tools/make_prompt_shards.py (37 prompts, 5 a shard, max_length 32)."""
+    return umt5_shards
 
 
 class Counting:

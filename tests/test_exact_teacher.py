@@ -81,13 +81,12 @@ def test_exact_teacher_knows_prompts_by_embedding_and_round_trips(tmp_path):
         ExactTeacher.load(tmp_path / "missing.safetensors")
 
 
-def test_backend_serves_the_exact_teacher_as_the_teacher_role(tmp_path):
+def test_backend_serves_the_exact_teacher_as_the_teacher_role(wan_tiny, tmp_path):
     """model.teacher.exact: the backend's teacher velocity (conditional and, for the negative prompt,
     unconditional) is the closed form, whatever the teacher networks say; the fakes still answer."""
-    from pdmd.tiny_models import write_tiny_wan22_teacher
     from tests.multirank import run_ranks
 
-    teacher_dir = write_tiny_wan22_teacher(tmp_path / "teacher")
+    teacher_dir = wan_tiny.teacher
     task = MixtureTask.make(2, 3, (4, 2, 8, 8), seed=4)
     exact = _teacher(task, length=32, width=24)
     path = exact.save(tmp_path / "exact.safetensors")

@@ -1,11 +1,17 @@
 """Export to diffusers: the scheduler config reproduces the distilled timesteps, boundary_ratio routes each step
 to its phase's expert, the exported WanPipeline reproduces `pdmd sample` end to end (same noise and prompt
 embeddings, through diffusers' own loading), LoRA files load with WanPipeline.load_lora_weights and equal the
-merged experts, other phase counts get the experts layout, and user mistakes are clear errors."""
+merged experts, other phase counts get the experts layout, and user mistakes are clear errors.
+
+Qwen-Image (conftest's qwen_runs): the export of a two-phase run loads in QwenImagePipeline (with the copied
+tiny text encoder, tokenizer and VAE), reproduces our sampler over the run's Megatron experts (--verify),
+routes each step to its phase's expert and steps through the distilled schedule; a one-phase run exports as
+a plain QwenImageTransformer2DModel."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,19 +28,9 @@ from pdmd.export_layout import (
     scheduler_schedule,
 )
 from pdmd.schedule import PhasePlan, few_step_timesteps
-from tests.tiny_run import tiny_run
+from tests.conftest import rel_err
 
 WAN = PhasePlan.from_steps(4, 5.0, [2, 2])
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    torch.set_num_threads(1)
-    return tiny_run(tmp_path_factory)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # --- the scheduler and the routing (no model) -------------------------------------------------------
@@ -81,8 +77,8 @@ def test_boundary_ratio_routes_each_step_to_its_phase():
 
 
 # --- the tiny run, exported ----------------------------------------------------------------------------
-def test_convert_verify_passes(built):
-    _, results = built
+def test_convert_verify_passes(tiny_wan_run):
+    _, results = tiny_wan_run
     for name in ("export_full", "export_lora", "export3"):
         r = results[name]
         assert r["code"] == 0, r["stderr"]
@@ -90,8 +86,8 @@ def test_convert_verify_passes(built):
         assert line.endswith("PASS") and float(line.split("rel err ")[1].split()[0]) < 1e-5, line
 
 
-def test_exported_folder_layout(built):
-    root, _ = built
+def test_exported_folder_layout(tiny_wan_run):
+    root, _ = tiny_wan_run
     out = root / "export_full"
     index = json.loads((out / "model_index.json").read_text())
     assert index["_class_name"] == "WanPipeline" and index["boundary_ratio"] == 0.875
@@ -119,36 +115,36 @@ def _call(pipe, **kwargs) -> torch.Tensor:
     return pipe(**{**args, **kwargs})[0].float()
 
 
-def test_exported_pipeline_reproduces_pdmd_sample(built):
+def test_exported_pipeline_reproduces_pdmd_sample(tiny_wan_run):
     """The same noise and prompt embeddings through WanPipeline.from_pretrained(export) and `pdmd sample`."""
-    root, results = built
+    root, results = tiny_wan_run
     for name in ("sample_embeds", "sample_cfg", "sample_prompts"):
         assert results[name]["code"] == 0, results[name]["stderr"]
     pipe = _pipeline(root / "export_full")
     emb, lat = load_file(str(root / "embeds.safetensors")), load_file(str(root / "latents.safetensors"))["latents"]
     theirs = _call(pipe, prompt_embeds=emb["prompt_embeds"], latents=lat, guidance_scale=1.0)
     ours = load_file(str(root / "s_embeds.safetensors"))["latents"]
-    assert _rel(theirs, ours) < 1e-5
+    assert rel_err(theirs, ours) < 1e-5
     # CFG (not distilled, but the same formula on both sides)
     theirs = _call(pipe, prompt_embeds=emb["prompt_embeds"], negative_prompt_embeds=emb["negative_prompt_embeds"],
                    latents=lat, guidance_scale=3.0)
-    assert _rel(theirs, load_file(str(root / "s_cfg.safetensors"))["latents"]) < 1e-5
+    assert rel_err(theirs, load_file(str(root / "s_cfg.safetensors"))["latents"]) < 1e-5
     # text through the copied UMT5 and noise from a seed, as a user calls it
     from tests.tiny_run import PROMPTS
 
     theirs = _call(pipe, prompt=PROMPTS, guidance_scale=1.0, generator=torch.Generator("cpu").manual_seed(3))
-    assert _rel(theirs, load_file(str(root / "s_prompts.safetensors"))["latents"]) < 1e-5
+    assert rel_err(theirs, load_file(str(root / "s_prompts.safetensors"))["latents"]) < 1e-5
     # the check is sensitive: routing phase 2's first step to the high-noise expert changes the result
     pipe.register_to_config(boundary_ratio=WAN.timesteps[2])
     wrong = _call(pipe, prompt_embeds=emb["prompt_embeds"], latents=lat, guidance_scale=1.0)
-    assert _rel(wrong, ours) > 1e-3
+    assert rel_err(wrong, ours) > 1e-3
 
 
-def test_lora_files_load_into_the_base_pipeline(built):
+def test_lora_files_load_into_the_base_pipeline(tiny_wan_run):
     """WanPipeline.load_lora_weights on the teacher equals the merged experts, per transformer."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    root, _ = built
+    root, _ = tiny_wan_run
     lora, merged = root / "export_lora", _pipeline(root / "export_full", text_encoder=None, tokenizer=None, vae=None)
     info = json.loads((lora / "pdmd_export.json").read_text())
     assert info["kind"] == "lora" and [p["lora"] for p in info["phases"]] == ["phase1_lora.safetensors",
@@ -170,12 +166,12 @@ def test_lora_files_load_into_the_base_pipeline(built):
         assert adapted == 20  # 2 blocks x (q, k, v, out) x 2 attentions + 2 FFN linears: every adapter landed
         want = getattr(merged, slot)(x, t, text, return_dict=False)[0]
         got = model(x, t, text, return_dict=False)[0]
-        assert _rel(want - before[slot], before[slot]) > 1e-3  # the adapters matter
-        assert _rel(got - before[slot], want - before[slot]) < 1e-4
+        assert rel_err(want - before[slot], before[slot]) > 1e-3  # the adapters matter
+        assert rel_err(got - before[slot], want - before[slot]) < 1e-4
 
 
-def test_three_phases_get_the_experts_layout(built):
-    root, results = built
+def test_three_phases_get_the_experts_layout(tiny_wan_run):
+    root, results = tiny_wan_run
     out = root / "export3"
     assert not (out / "model_index.json").exists()
     info = json.loads((out / "pdmd_export.json").read_text())
@@ -186,8 +182,8 @@ def test_three_phases_get_the_experts_layout(built):
 
 
 # --- user mistakes ---------------------------------------------------------------------------------------
-def test_wrong_teacher_is_a_layout_mismatch(built):
-    _, results = built
+def test_wrong_teacher_is_a_layout_mismatch(tiny_wan_run):
+    _, results = tiny_wan_run
     r = results["export_wrong_teacher"]
     assert r["code"] == 2 and "is --teacher the run's teacher" in r["stderr"], r["stderr"]
 
@@ -199,8 +195,8 @@ def _export(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_unfinished_or_broken_runs_are_clear_errors(built, tmp_path, capsys):
-    root, _ = built
+def test_unfinished_or_broken_runs_are_clear_errors(tiny_wan_run, tmp_path, capsys):
+    root, _ = tiny_wan_run
     run = tmp_path / "run"
     shutil.copytree(root / "run", run)
     out = str(tmp_path / "out")
@@ -227,3 +223,73 @@ def test_unfinished_or_broken_runs_are_clear_errors(built, tmp_path, capsys):
     (tmp_path / "busy" / "file.txt").write_text("mine")
     code, err = _export(["--run", str(root / "run"), "--out", str(tmp_path / "busy"), "--no-hash-check"], capsys)
     assert code == 2 and "not an earlier export" in err
+
+
+# --- Qwen-Image ------------------------------------------------------------------------------------------
+def _verify_error(result: dict) -> float:
+    assert result["code"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
+    found = re.search(r"QwenImagePipeline, latents .*: rel err ([0-9.e+-]+) .* PASS", result["stdout"])
+    assert found, result["stdout"][-2000:]
+    return float(found.group(1))
+
+
+def test_qwen_export_reproduces_our_sampler(qwen_runs):
+    """--verify: Euler over the run's Megatron experts vs QwenImagePipeline on the export, same noise and a
+    prompt with padding (its mask travels with the text through our sampler)."""
+    assert _verify_error(qwen_runs["export_run"]) <= 1e-5
+    assert _verify_error(qwen_runs["export_run1"]) <= 1e-5
+
+
+def _qwen_latents(pipe, x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    from pdmd.model_io import pack_latents
+
+    return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, latents=pack_latents(x), num_inference_steps=4,
+                height=64, width=64, true_cfg_scale=1.0, output_type="latent", return_dict=False)[0]
+
+
+def test_qwen_export_loads_in_qwen_image_pipeline_and_routes_phases(qwen_runs):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    from pdmd.export_qwen import verify_prompt
+
+    export = qwen_runs["root"] / "export_run"
+    assert (export / "transformer" / "pdmd_qwen_phased.py").is_file()
+    pipe = QwenImagePipeline.from_pretrained(export, trust_remote_code=True)  # every component present
+    pipe.set_progress_bar_config(disable=True)
+    assert {"text_encoder", "tokenizer", "vae"} <= set(json.loads((export / "pdmd_export.json").read_text())["components"])
+    experts = pipe.transformer.experts
+    assert len(experts) == 2 and pipe.transformer.config.phase_boundaries == [pytest.approx(0.825)]
+    calls: list[int] = []
+    for i, expert in enumerate(experts):
+        expert.register_forward_hook(lambda *_, i=i: calls.append(i + 1))
+    x = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, mask = verify_prompt(32, 1)
+    out = _qwen_latents(pipe, x, embeds, mask)
+    assert calls == [1, 1, 2, 2]  # each phase's expert for its two steps
+    assert [round(float(s), 6) for s in pipe.scheduler.sigmas] == [1.0, 0.9, 0.75, 0.5, 0.0]
+    # routing and training matter: swapped experts, or the teacher in both slots, give other latents
+    experts[0], experts[1] = experts[1], experts[0]
+    assert rel_err(_qwen_latents(pipe, x, embeds, mask), out) > 1e-3
+    teacher = QwenImageTransformer2DModel.from_pretrained(qwen_runs["base"] / "transformer")
+    experts[0], experts[1] = teacher, teacher
+    assert rel_err(_qwen_latents(pipe, x, embeds, mask), out) > 1e-3
+    # the copied text encoder and VAE: a prompt all the way to pixels
+    image = pipe(prompt="a cat on a sofa", num_inference_steps=4, height=64, width=64, true_cfg_scale=1.0,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert image.shape == (1, 64, 64, 3) and float(image.std()) > 0
+
+
+def test_qwen_one_phase_export_is_a_plain_qwen_image_pipeline(qwen_runs):
+    from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
+
+    export = qwen_runs["root"] / "export_run1"
+    index = json.loads((export / "model_index.json").read_text())
+    assert index["transformer"] == ["diffusers", "QwenImageTransformer2DModel"]
+    assert not list((export / "transformer").glob("*.py"))
+    pipe = QwenImagePipeline.from_pretrained(export, text_encoder=None, tokenizer=None, vae=None)  # no remote code
+    assert type(pipe.transformer) is QwenImageTransformer2DModel
+
+
+def test_unsupported_qwen_exports_say_why(qwen_runs):
+    result = qwen_runs["export_lora"]
+    assert result["code"] == 2 and "merged QwenImagePipeline" in result["stderr"], result["stderr"][-2000:]

@@ -26,7 +26,8 @@ from pdmd.export_layout import (
 )
 from pdmd.sample import DiffusersExperts, ExportedExperts, encode_image, euler_sample
 from pdmd.schedule import PhasePlan
-from tests.tiny_run import IMAGE_RUN_PIXELS, tiny_image_runs, write_image_pipeline, write_test_image
+from tests.conftest import rel_err
+from tests.tiny_run import IMAGE_RUN_PIXELS, write_image_pipeline, write_test_image
 
 PLANS = {"i2v": PhasePlan.from_steps(4, 5.0, [2, 2]), "ti2v": PhasePlan.from_steps(4, 5.0, [4])}
 SHAPES = {"i2v": (2, 4, 2, 8, 8), "ti2v": (2, 4, 2, 4, 4)}  # 64 x 64 pixels, 5 frames (8x and 16x VAEs)
@@ -37,10 +38,6 @@ NUM_FRAMES = 5
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -108,11 +105,11 @@ def test_sampler_with_conditioning_equals_the_pipelines_loop(parts, kind):
         ours = euler_sample(experts.velocity, PLANS[kind], x, embeds["prompt_embeds"],
                             embeds["negative_prompt_embeds"], guidance, cond=cond)
         theirs = _call(pipe, parts["image"], embeds, x, guidance)
-        assert _rel(ours, theirs) < 1e-5, (kind, guidance)
+        assert rel_err(ours, theirs) < 1e-5, (kind, guidance)
     # the image matters: another one gives other latents
     other = encode_image(parts["other"], parts[kind] / "vae", kind, HEIGHT, WIDTH, NUM_FRAMES)
     moved = euler_sample(experts.velocity, PLANS[kind], x, embeds["prompt_embeds"], cond=other)
-    assert _rel(moved, euler_sample(experts.velocity, PLANS[kind], x, embeds["prompt_embeds"], cond=cond)) > 1e-3
+    assert rel_err(moved, euler_sample(experts.velocity, PLANS[kind], x, embeds["prompt_embeds"], cond=cond)) > 1e-3
 
 
 def test_ti2v_first_frame_stays_the_image_latent(parts):
@@ -226,7 +223,7 @@ def test_exported_pipeline_reproduces_pdmd_sample_with_image(parts, exports, kin
     ours = load_file(str(tmp_path / "img.safetensors"))["latents"]
     embeds, x = _inputs(parts, kind)
     theirs = _call(_pipe(out), parts["image"], embeds, x)
-    assert _rel(ours, theirs) < 1e-5
+    assert rel_err(ours, theirs) < 1e-5
     # --cond: the stored tensors (one sample, as a shard holds them) instead of the image
     from data.conditioning import ConditionEncoder, load_vae
     from data.images import Bucket, load_rgb
@@ -249,7 +246,7 @@ def test_exported_pipeline_reproduces_pdmd_sample_with_image(parts, exports, kin
                         negative_prompt_embeds=embeds["negative_prompt_embeds"], guidance_scale=3.0,
                         generator=torch.Generator("cpu").manual_seed(4), num_inference_steps=4, height=HEIGHT,
                         width=WIDTH, num_frames=NUM_FRAMES, output_type="latent", return_dict=False)[0]
-    assert _rel(load_file(str(tmp_path / "cfg.safetensors"))["latents"], theirs) < 1e-5
+    assert rel_err(load_file(str(tmp_path / "cfg.safetensors"))["latents"], theirs) < 1e-5
 
 
 @pytest.mark.parametrize("kind", ["i2v", "ti2v"])
@@ -267,21 +264,15 @@ def test_verify_pipeline_side_matches_our_sampler(parts, exports, kind):
     args = argparse.Namespace(lora_only=False, base_pipeline=None)
     theirs = exported_latents(run, out, args, "fp32", x, text, image=image, cond=cond, vae=vae)
     ours = euler_sample(ExportedExperts(out).velocity, run.plan, x, text, cond=cond)
-    assert _rel(theirs, ours) < 1e-5
+    assert rel_err(theirs, ours) < 1e-5
 
 
 # --- trained tiny runs (pdmd train, configs/tiny_wan22_{i2v,ti2v}.yaml), exported --------------------------
-@pytest.fixture(scope="module")
-def image_runs(tmp_path_factory):
-    torch.set_num_threads(1)
-    return tiny_image_runs(tmp_path_factory)
-
-
 @pytest.mark.parametrize("kind", ["i2v", "ti2v"])
-def test_tiny_image_run_exports_and_verifies(image_runs, kind):
+def test_tiny_image_run_exports_and_verifies(tiny_image_runs, kind):
     """A two-phase image-conditioned run's export (and I2V's LoRA-only one) passes --verify: the pipeline fed a
     test image vs our sampler over the run's Megatron experts; the merged export is a WanImageToVideoPipeline."""
-    root, results = image_runs[kind]
+    root, results = tiny_image_runs[kind]
     for name in ("export", "export_lora") if kind == "i2v" else ("export",):
         r = results[name]
         assert r["code"] == 0, r["stderr"]
@@ -299,10 +290,10 @@ def test_tiny_image_run_exports_and_verifies(image_runs, kind):
 
 
 @pytest.mark.parametrize("kind", ["i2v", "ti2v"])
-def test_exported_image_run_reproduces_pdmd_sample(image_runs, kind, tmp_path, capsys):
+def test_exported_image_run_reproduces_pdmd_sample(tiny_image_runs, kind, tmp_path, capsys):
     """WanImageToVideoPipeline.from_pretrained(export) with the image, noise and embeddings == `pdmd sample --run
     --image` (and `--cond` with the stored tensors, and `--export`), with and without CFG."""
-    root, results = image_runs[kind]
+    root, results = tiny_image_runs[kind]
     for name in ("sample_image", "sample_cond", "sample_cfg"):
         assert results[name]["code"] == 0, results[name]["stderr"]
     ours = load_file(str(root / "s_image.safetensors"))["latents"]
@@ -316,17 +307,17 @@ def test_exported_image_run_reproduces_pdmd_sample(image_runs, kind, tmp_path, c
     kw = dict(image=_user_image(root / "image.png", side, side), prompt_embeds=embeds["prompt_embeds"], latents=x,
               num_inference_steps=4, height=side, width=side, num_frames=NUM_FRAMES, output_type="latent",
               return_dict=False)
-    assert _rel(pipe(guidance_scale=1.0, **kw)[0], ours) < 1e-5
+    assert rel_err(pipe(guidance_scale=1.0, **kw)[0], ours) < 1e-5
     cfg = pipe(guidance_scale=3.0, negative_prompt_embeds=embeds["negative_prompt_embeds"], **kw)[0]
-    assert _rel(cfg, load_file(str(root / "s_cfg.safetensors"))["latents"]) < 1e-5
+    assert rel_err(cfg, load_file(str(root / "s_cfg.safetensors"))["latents"]) < 1e-5
     # the students are not the teacher: the teacher's experts give other latents from the same inputs
     teacher = _pipe(root / "base", PLANS[kind])
-    assert _rel(teacher(guidance_scale=1.0, **kw)[0], ours) > 1e-3
+    assert rel_err(teacher(guidance_scale=1.0, **kw)[0], ours) > 1e-3
     code, err = _sample(["--export", str(root / "export"), "--embeds", str(root / "embeds.safetensors"), "--latents",
                          str(root / "latents.safetensors"), "--image", str(root / "image.png"),
                          "--out", str(tmp_path / "e.safetensors")], capsys)
     assert code == 0, err
-    assert _rel(load_file(str(tmp_path / "e.safetensors"))["latents"], ours) < 1e-5
+    assert rel_err(load_file(str(tmp_path / "e.safetensors"))["latents"], ours) < 1e-5
 
 
 # --- mistakes ---------------------------------------------------------------------------------------------

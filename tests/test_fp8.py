@@ -18,13 +18,12 @@ RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-
+def base(wan_tiny, tmp_path_factory):
+    """(a folder for reports, overrides: conftest's tiny Wan teacher, an empty shard folder, TE in bf16)."""
     root = tmp_path_factory.mktemp("fp8")
-    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=24)
     (root / "shards").mkdir()
-    return root, [f"model.teacher.path={teacher}", f"data.shards={root / 'shards'}", "model.spec=te", "model.dtype=bf16"]
+    return root, [f"model.teacher.path={wan_tiny.teacher}", f"data.shards={root / 'shards'}", "model.spec=te",
+                  "model.dtype=bf16"]
 
 
 def _cfg(base, *extra):
@@ -94,20 +93,15 @@ def test_parity_tool_says_why_it_cannot_run_here(base):
 
 
 @pytest.mark.cuda
-def test_fp8_parity_on_the_tiny_config(tmp_path):
+def test_fp8_parity_on_the_tiny_config(tmp_path, request):
     from megatron_adapters.wan.specs import te_available
 
     ok, why = te_available()
     if not ok:
         pytest.skip(why)
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
-
-    teacher = write_tiny_wan22_teacher(tmp_path / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", tmp_path / "data")
     report = tmp_path / "parity.json"
     proc = subprocess.run([sys.executable, str(ROOT / "tools" / "fp8_parity.py"), str(RECIPE), "--out", str(report),
-                           "--steps", "3", f"model.teacher.path={teacher}", f"data.shards={shards}"],
+                           "--steps", "3", *request.getfixturevalue("wan_tiny").overrides],
                           capture_output=True, text=True, timeout=600)
     assert report.is_file(), proc.stderr[-3000:]
     result = json.loads(report.read_text())

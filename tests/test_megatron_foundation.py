@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from tests import megatron_blocks as mb
+from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
 RTOL = 1e-5
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def _init(**layout):

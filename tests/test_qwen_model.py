@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests import tiny_qwen
+from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -25,9 +26,6 @@ LAYOUTS = {  # name: (world size, layout kwargs)
 }
 NORMS = ("q_layernorm.weight", "k_layernorm.weight")
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, extra_checks):

@@ -14,19 +14,10 @@ from safetensors.torch import load_file, save_file
 
 from pdmd.sample import euler_sample, initial_noise, noise_shape, pad_embeds
 from pdmd.schedule import PhasePlan
-from tests.tiny_run import PROMPTS, tiny_run
+from tests.conftest import rel_err
+from tests.tiny_run import PROMPTS
 
 WAN = PhasePlan.from_steps(4, 5.0, [2, 2])
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    torch.set_num_threads(1)
-    return tiny_run(tmp_path_factory)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 def test_euler_over_the_distilled_timesteps_with_phase_experts():
@@ -71,13 +62,13 @@ def test_noise_and_prompt_padding_match_wan_pipeline():
     assert torch.allclose(ours, embeds.float(), atol=1e-5, rtol=0)  # the same tokens, mask and padding
 
 
-def test_output_file_and_decoded_media(built):
+def test_output_file_and_decoded_media(tiny_wan_run):
     from diffusers import WanPipeline
     from PIL import Image
 
     from pdmd.sample import decode
 
-    root, results = built
+    root, results = tiny_wan_run
     assert results["sample_prompts"]["code"] == 0, results["sample_prompts"]["stderr"]
     path = root / "s_prompts.safetensors"
     with safe_open(str(path), "pt") as f:
@@ -111,18 +102,18 @@ def _sample(argv: list[str], capsys) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
-def test_sampling_an_export_equals_sampling_its_run(built, tmp_path, capsys):
-    root, results = built
+def test_sampling_an_export_equals_sampling_its_run(tiny_wan_run, tmp_path, capsys):
+    root, results = tiny_wan_run
     for export, run_out in (("export_full", "s_embeds"), ("export3", "s3")):
         out = tmp_path / f"{export}.safetensors"
         code, err = _sample(["--export", str(root / export), "--embeds", str(root / "embeds.safetensors"),
                              "--latents", str(root / "latents.safetensors"), "--out", str(out)], capsys)
         assert code == 0, err
-        assert _rel(load_file(str(out))["latents"], load_file(str(root / f"{run_out}.safetensors"))["latents"]) < 1e-5
+        assert rel_err(load_file(str(out))["latents"], load_file(str(root / f"{run_out}.safetensors"))["latents"]) < 1e-5
 
 
-def test_bad_inputs_are_clear_errors(built, tmp_path, capsys):
-    root, _ = built
+def test_bad_inputs_are_clear_errors(tiny_wan_run, tmp_path, capsys):
+    root, _ = tiny_wan_run
     export, out = str(root / "export_full"), str(tmp_path / "x.safetensors")
     code, err = _sample(["--export", export, "--out", out], capsys)
     assert code == 2 and "nothing to sample" in err

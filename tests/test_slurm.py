@@ -5,7 +5,8 @@ One chain is driven through its life: phase 1's job gets USR1 on its batch shell
 ``--signal=B:USR1@grace`` does before the time limit), checkpoints, exits 75, requeues itself and
 resumes; it then submits phase 2's job, which finishes the run. A second submission while the chain is
 in flight, and a rerun afterwards, train nothing. Separately: a crash is requeued at most
-PDMD_MAX_RETRIES times, and a configuration error is not retried at all.
+PDMD_MAX_RETRIES times, and a configuration error is not retried at all. slurm/qwen_image_phased.sbatch
+runs the tiny Qwen-Image recipe the same way (two tasks at parallel.tp=2, one job per phase).
 
 Under CI=true a missing cluster fails these tests; elsewhere they skip with the reason.
 """
@@ -22,10 +23,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import ROOT, read_manifest, read_metrics
+
 # The chain's fixture runs inside the first test that asks for it; its waits are bounded below.
 pytestmark = pytest.mark.timeout(1800)
 SCRIPT = ROOT / "slurm" / "wan22_phased.sbatch"
+QWEN_SCRIPT = ROOT / "slurm" / "qwen_image_phased.sbatch"
 SBATCH_SCRIPTS = sorted((ROOT / "slurm").glob("*.sbatch"))
 DEFAULT_CONF = Path(os.environ.get("PDMD_SLURM_PREFIX", "/var/lib/pdmd-slurm")) / "slurm.conf"
 STEPS = 6  # generator steps per phase: long enough to signal phase 1 in the middle
@@ -231,12 +234,12 @@ class Jobs:
         self.env, self.workdir, self.ids = env, workdir, []
 
     def submit(self, run_dir: Path, overrides: list[str], *extra: str, wait: bool = False, tasks: int = 2,
-               **contract: str) -> tuple[str, int]:
-        env = {**self.env, "PDMD_DEVICE": "cpu", "PDMD_CONFIG": "configs/tiny_wan22.yaml",
+               script: Path = SCRIPT, config: str = "configs/tiny_wan22.yaml", **contract: str) -> tuple[str, int]:
+        env = {**self.env, "PDMD_DEVICE": "cpu", "PDMD_CONFIG": config,
                "PDMD_RUN_DIR": str(run_dir), "PDMD_OVERRIDES": " ".join(overrides),
                "PDMD_PYTHON": sys.executable, **contract}
         cmd = ["sbatch", "--parsable", "--nodes=1", f"--ntasks-per-node={tasks}", "--gpus-per-node=0", "--time=30",
-               f"--output={self.workdir}/%x-%j.out", *(["--wait"] if wait else []), *extra, str(SCRIPT)]
+               f"--output={self.workdir}/%x-%j.out", *(["--wait"] if wait else []), *extra, str(script)]
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=self.workdir, timeout=600)
         assert proc.stdout.strip(), f"sbatch failed: {proc.stderr}"
         job = proc.stdout.strip().split(";")[0]
@@ -249,8 +252,9 @@ class Jobs:
         return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
 
     def log(self, job: str) -> str:
-        path = self.workdir / f"pdmd-wan22-{job}.out"
-        return path.read_text() if path.is_file() else ""
+        """The job's output (``--output=%x-%j.out``: the script's job name, then the job id)."""
+        paths = list(self.workdir.glob(f"*-{job}.out"))
+        return paths[0].read_text() if paths else ""
 
     def scancel(self, *args: str) -> None:
         subprocess.run(["scancel", *args], check=True, env=self.env, timeout=30)
@@ -268,15 +272,6 @@ def _events(run_dir: Path) -> list[dict[str, str]]:
     return [dict(re.findall(r"(\w+)=(\S+)", line)) for line in path.read_text().splitlines()]
 
 
-def _metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
-
-
-def _manifest(run_dir: Path) -> dict:
-    return json.loads((run_dir / "manifest.json").read_text())
-
-
 def _wait(what: str, cond, jobs: Jobs, run_dir: Path, timeout: float = 600) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -289,14 +284,9 @@ def _wait(what: str, cond, jobs: Jobs, run_dir: Path, timeout: float = 600) -> N
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
-
-    root = tmp_path_factory.mktemp("slurm_tiny")
-    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", root / "data")
-    return root, [f"model.teacher.path={teacher}", f"data.shards={shards}"]
+def tiny(wan_tiny, tmp_path_factory):
+    """(a folder for this module's runs, the overrides naming the session's tiny Wan teacher and shards)."""
+    return tmp_path_factory.mktemp("slurm_runs"), wan_tiny.overrides
 
 
 @pytest.fixture(scope="module")
@@ -315,7 +305,7 @@ def chain(tiny, jobs):
     overrides = [*overrides, "parallel.tp=2", f"train.steps={STEPS}", "train.checkpoint_every=100"]
     tic = time.monotonic()
     first, _ = jobs.submit(run_dir, overrides)
-    _wait("phase 1's first logged step", lambda: any("phase1/generator_loss" in r for r in _metrics(run_dir)),
+    _wait("phase 1's first logged step", lambda: any("phase1/generator_loss" in r for r in read_metrics(run_dir)),
           jobs, run_dir)
     jobs.scancel("--batch", "--signal=USR1", first)  # what --signal=B:USR1@grace does before the time limit
     duplicate, _ = jobs.submit(run_dir, overrides)  # a second submission while the chain is in flight
@@ -327,24 +317,46 @@ def chain(tiny, jobs):
     _wait("the chain to finish", finished, jobs, run_dir, timeout=900)
     second = next(e["next_job"] for e in _events(run_dir) if e.get("event") == "submitted")
     return {"run_dir": run_dir, "first": first, "second": second, "duplicate": duplicate,
-            "overrides": overrides, "seconds": time.monotonic() - tic}
+            "overrides": overrides, "steps": STEPS, "seconds": time.monotonic() - tic}
+
+
+@pytest.fixture(scope="module")
+def qwen_chain(qwen_tiny, tiny, jobs):
+    """slurm/qwen_image_phased.sbatch with the tiny Qwen-Image recipe, 2 steps a phase, undisturbed."""
+    run_dir = tiny[0] / "qwen_chain"
+    overrides = [*qwen_tiny.overrides, "parallel.tp=2", "train.steps=2", "method.fake_ratio=1"]
+    tic = time.monotonic()
+    first, _ = jobs.submit(run_dir, overrides, script=QWEN_SCRIPT, config="configs/tiny_qwen_image.yaml")
+
+    def finished() -> bool:
+        done = any(e.get("event") == "finished" for e in _events(run_dir))
+        return done and all(jobs.info(j).get("JobState") in FINAL_STATES for j in jobs.ids)
+
+    _wait("the Qwen-Image chain to finish", finished, jobs, run_dir, timeout=900)
+    second = next(e["next_job"] for e in _events(run_dir) if e.get("event") == "submitted")
+    return {"run_dir": run_dir, "first": first, "second": second, "steps": 2, "seconds": time.monotonic() - tic}
 
 
 @pytest.mark.slow
-def test_chain_runs_each_phase_in_its_own_job(chain, jobs):
-    run_dir, first, second = chain["run_dir"], chain["first"], chain["second"]
-    manifest = _manifest(run_dir)
+@pytest.mark.parametrize("family", ["wan", "qwen"])
+def test_chain_runs_each_phase_in_its_own_job(request, family, jobs):
+    """Wan: phase 1's job preempted once (USR1) and requeued; Qwen-Image: undisturbed."""
+    chain = request.getfixturevalue("chain" if family == "wan" else "qwen_chain")
+    run_dir, first, second, steps = chain["run_dir"], chain["first"], chain["second"], chain["steps"]
+    assert first != second  # phase 2 ran in the job phase 1 submitted
+    manifest = read_manifest(run_dir)
     assert [p["status"] for p in manifest["phases"]] == ["done", "done"]
-    rows = _metrics(run_dir)
-    assert len([r for r in rows if "phase1/generator_loss" in r]) == STEPS
-    assert len([r for r in rows if "phase2/generator_loss" in r]) == STEPS
+    rows = read_metrics(run_dir)
+    assert len([r for r in rows if "phase1/generator_loss" in r]) == steps
+    assert len([r for r in rows if "phase2/generator_loss" in r]) == steps
     starts = [(e["job"], e["phase"]) for e in _events(run_dir) if e.get("event") == "start"]
-    assert starts == [(first, "1"), (first, "1"), (second, "2")], starts
+    requeued = [(first, "1")] if family == "wan" else []
+    assert starts == [(first, "1"), *requeued, (second, "2")], starts
     for job in (first, second):
         info = jobs.info(job)
         assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), info
     assert "0: phase 2 step" in jobs.log(second) and "1: " in jobs.log(second)  # two labelled tasks
-    print(f"chain of 3 job runs took {chain['seconds']:.0f} s")
+    print(f"{family} chain took {chain['seconds']:.0f} s")
 
 
 @pytest.mark.slow
@@ -359,7 +371,7 @@ def test_usr1_checkpoints_requeues_and_resumes_where_it_stopped(chain, jobs):
     assert len(stopped) == 2 and stopped[0] == stopped[1], stopped  # both tasks, the same step
     assert 1 <= int(stopped[0]) < STEPS
     # The step count continues after the requeue: every step once, in order.
-    steps = [r["step"] for r in _metrics(run_dir) if "phase1/generator_loss" in r]
+    steps = [r["step"] for r in read_metrics(run_dir) if "phase1/generator_loss" in r]
     assert steps == list(range(1, STEPS + 1)), steps
 
 

@@ -1,10 +1,10 @@
-"""The trainer end to end on a tiny Wan2.2-shaped teacher: both phases complete, manifest/metrics/W&B
-contracts hold, a kill -9 in phase 2 resumes to bit-identical experts, a TP=2 run stopped by SIGTERM
-resumes at TP=1, and bad configs fail before any model is built."""
+"""The trainer end to end on tiny teachers: both phases complete with the manifest/metrics contracts (Wan2.2
+with W&B and previews, and Qwen-Image), a kill -9 in phase 2 resumes to bit-identical experts (sequential
+and interleaved schedules, fp32 and bf16), a TP=2 run stopped by SIGUSR1 resumes at TP=1, non-finite steps
+stop a phase, and bad configs of either family fail before any model is built."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,22 +18,19 @@ import torch
 from pdmd.config import ConfigError, load_config
 from pdmd.method import make_generator
 from pdmd.phases import tree_hash
+from tests.conftest import ROOT, read_manifest, subprocess_env
+from tests.conftest import read_metrics as _metrics
 from tests.multirank import free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
+QWEN_RECIPE = ROOT / "configs" / "tiny_qwen_image.yaml"
 pytestmark = pytest.mark.multirank
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
-    from tests.tiny_encoders import UMT5_DIM, build_dataset
-
-    root = tmp_path_factory.mktemp("tiny_run")
-    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=UMT5_DIM)
-    shards, _ = build_dataset("umt5", root / "data")
-    return root, [f"model.teacher.path={teacher}", f"data.shards={shards}"]
+def tiny(wan_tiny, tmp_path_factory):
+    """(a folder for this module's runs, the overrides naming the session's tiny Wan teacher and shards)."""
+    return tmp_path_factory.mktemp("train"), wan_tiny.overrides
 
 
 def _cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
@@ -44,16 +41,9 @@ def _cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
             str(free_port()), *train]
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-
-
 def _train(run_dir: Path, overrides: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, overrides, nproc), capture_output=True, text=True, env=_env(), timeout=300)
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return subprocess.run(_cmd(run_dir, overrides, nproc), capture_output=True, text=True, env=subprocess_env(),
+                          timeout=300)
 
 
 def _expert_tensors(run_dir: Path, k: int) -> dict[str, torch.Tensor]:
@@ -69,7 +59,7 @@ def _start_and_kill(run_dir: Path, overrides: list[str], when, sig: int, nproc: 
     """Start a run, wait until ``when(metrics)`` holds, send ``sig`` (to one rank only with ``one_rank``),
     return the exit code."""
     proc = subprocess.Popen(_cmd(run_dir, overrides, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=_env(), start_new_session=True)
+                            env=subprocess_env(), start_new_session=True)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -105,27 +95,40 @@ def full_run(tiny):
     return run_dir
 
 
-def test_two_phase_run_completes_with_contracts(full_run):
-    manifest = json.loads((full_run / "manifest.json").read_text())
+@pytest.mark.parametrize("family", ["wan", "qwen"])
+def test_two_phase_run_completes_with_contracts(request, family):
+    """Wan: this module's run (previews, W&B offline); Qwen-Image: conftest's qwen_runs (also exported)."""
+    if family == "wan":
+        run_dir = request.getfixturevalue("full_run")
+    else:
+        run_dir = request.getfixturevalue("qwen_runs")["root"] / "run"
+    manifest = read_manifest(run_dir)
     assert [p["index"] for p in manifest["phases"]] == [1, 2]
     assert all(p["status"] == "done" for p in manifest["phases"])
-    assert [p["student_expert"] for p in manifest["phases"]] == [0, 1]  # high-noise expert, then low-noise
+    # Wan: the high-noise expert, then the low-noise one; Qwen-Image: one teacher transformer
+    assert [p["student_expert"] for p in manifest["phases"]] == ([0, 1] if family == "wan" else [0, 0])
+    assert manifest["config"]["model"]["kind"] == ("wan" if family == "wan" else "qwen-image")
     for p in manifest["phases"]:  # earlier experts unchanged by later phases
-        assert tree_hash(full_run / p["expert"]) == p["expert_hash"]
-    rows = _metrics(full_run)
+        assert tree_hash(run_dir / p["expert"]) == p["expert_hash"]
+    rows = _metrics(run_dir)
     keys = set().union(*rows)
     for k in (1, 2):
         assert {f"phase{k}/generator_loss", f"phase{k}/fake_loss", f"phase{k}/dmd_grad_norm",
-                f"phase{k}/student_grad_norm", f"phase{k}/samples_per_s"} <= keys
-    assert len([r for r in rows if "phase2/generator_loss" in r]) == 4
+                f"phase{k}/student_grad_norm", f"phase{k}/fake_grad_norm", f"phase{k}/samples_per_s",
+                f"phase{k}/t_mean"} <= keys
+        assert len([r for r in rows if f"phase{k}/generator_loss" in r]) == 4
+    if family == "qwen":
+        # phase 1 re-noises in (t_2, 1) = (0.75, 1): Qwen-Image's reverse nested interval
+        assert min(r["phase1/t_min"] for r in rows if "phase1/t_min" in r) > 0.75
+        return
     assert {f"phase{k}/dmd_normaliser" for k in (1, 2)} <= keys
-    offline = list((full_run / "wandb").glob("offline-run-*"))
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "an offline W&B run is written"
     # Previews every 2 steps (2 latent frames decode to 5-frame GIFs), and the same files in W&B's media.
-    assert sorted(p.name for p in (full_run / "samples").iterdir()) == [
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == [
         f"phase{k}_step{n}_{i}.gif" for k in (1, 2) for n in (2, 4) for i in (0, 1)]
     assert len(list(offline[0].rglob("media/videos/phase*/*.gif"))) == 8
-    assert (full_run / "checkpoints" / "phase2" / "expert").is_dir()
+    assert (run_dir / "checkpoints" / "phase2" / "expert").is_dir()
 
 
 def test_kill_minus_9_in_phase_2_resumes_to_identical_experts(tiny, full_run):
@@ -134,7 +137,7 @@ def test_kill_minus_9_in_phase_2_resumes_to_identical_experts(tiny, full_run):
     code = _start_and_kill(run_dir, overrides,
                            lambda rows: sum("phase2/generator_loss" in r for r in rows) >= 3, signal.SIGKILL)
     assert code != 0
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     assert manifest["phases"][1]["status"] == "running"
     proc = _train(run_dir, overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -152,7 +155,7 @@ def test_usr1_at_tp2_saves_and_resumes_at_tp1(tiny):
     tp2 = [*overrides, "parallel.tp=2", "train.checkpoint_every=100"]
     code = _start_and_kill(run_dir, tp2, lambda rows: len(rows) >= 1, signal.SIGUSR1, nproc=2, one_rank=True)
     assert code != 0  # torchrun reports the workers' exit code 75 as a failure
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     phase1 = manifest["phases"][0]
     assert phase1["checkpoints"] and phase1["status"] == "running", manifest
     stopped_at = phase1["step"]
@@ -164,21 +167,29 @@ def test_usr1_at_tp2_saves_and_resumes_at_tp1(tiny):
 
 
 @pytest.mark.parametrize(
-    "override, message",
+    "family, override, message",
     [
-        ("plan.boundaries=[1.0,0.5,0.7,0.0]", "plan:"),
-        ("method.fake_ratio=0", "method.fake_ratio=0"),
-        ("model.teacher.path=/nonexistent", "model.teacher.path"),
-        ("train.stepz=3", "unknown config key 'train.stepz'"),
-        ("method.dmd_form=score", "method.dmd_form='score'"),
+        ("wan", "plan.boundaries=[1.0,0.5,0.7,0.0]", "plan:"),
+        ("wan", "method.fake_ratio=0", "method.fake_ratio=0"),
+        ("wan", "model.teacher.path=/nonexistent", "model.teacher.path"),
+        ("wan", "train.stepz=3", "unknown config key 'train.stepz'"),
+        ("wan", "method.dmd_form=score", "method.dmd_form='score'"),
+        ("qwen", "model.teacher.subfolders=[transformer,transformer_2]", "model.teacher.subfolders"),
+        ("qwen", "train.latent_shape=[4,2,8,8]", "train.latent_shape"),
+        ("qwen", "data.model=wan", "data.model"),
+        ("qwen", "model.kind=wan", "model.kind"),
     ],
 )
-def test_bad_config_fails_before_any_model(tiny, override, message):
-    _, overrides = tiny
-    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
-        extra = [] if override.startswith("plan.boundaries") else []
-        load_config(RECIPE, [*overrides, override, *extra] if not override.startswith("plan.") else
-                    [*overrides, "plan.num_phases=null", override])
+def test_bad_config_fails_before_any_model(request, family, override, message):
+    if family == "qwen":  # the config never opens the shards: any path satisfies it
+        recipe, overrides = QWEN_RECIPE, [f"model.teacher.path={request.getfixturevalue('qwen_tiny').teacher}",
+                                          "data.shards=unused"]
+    else:
+        recipe, overrides = RECIPE, request.getfixturevalue("tiny")[1]
+    if override.startswith("plan."):
+        overrides = [*overrides, "plan.num_phases=null"]
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(".", r"\.")):
+        load_config(recipe, [*overrides, override])
 
 
 def test_bad_config_exit_code_and_message(tiny, tmp_path):
@@ -205,7 +216,7 @@ def test_non_finite_steps_stop_the_phase_with_checkpoints_intact(tiny):
     proc = _train(run_dir, [*overrides, "method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"])
     assert proc.returncode == 3  # diverged: the Slurm scripts do not retry it
     assert "2 generator steps in a row had a non-finite" in proc.stderr
-    phase1 = json.loads((run_dir / "manifest.json").read_text())["phases"][0]
+    phase1 = read_manifest(run_dir)["phases"][0]
     assert phase1["status"] == "failed" and phase1["step"] == 1
     assert (run_dir / phase1["checkpoints"][0] / "trainer_state.json").is_file()
     rows = _metrics(run_dir)
@@ -222,6 +233,17 @@ def test_paper_recipe_parses_with_its_settings(tiny):
         64, 8.0, 5e-5, 4e-7, 5)
 
 
+def test_qwen_tiny_recipe_and_paper_recipe_load(qwen_tiny):
+    teacher = [f"model.teacher.path={qwen_tiny.teacher}", "data.shards=unused"]
+    cfg = load_config(QWEN_RECIPE, teacher)
+    paper = load_config(ROOT / "configs" / "qwen_image.yaml", teacher)
+    for c in (cfg, paper):  # the paper's Qwen-Image schedule: shift 3 -> 1000, 900, 750, 500; phase 1 in (0.75, 1)
+        plan = c.phase_plan()
+        assert [round(t * 1000, 6) for t in plan.timesteps] == [1000.0, 900.0, 750.0, 500.0]
+        assert plan.renoise_interval(1) == pytest.approx((0.75, 1.0))
+    assert paper.model.kind == "qwen-image" and paper.train.latent_shape == [16, 1, 128, 128]
+
+
 def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny):
     """LightX2V's arrangement: both phases' roles resident, iterations alternate; a kill -9 mid-run and a
     rerun give the experts of an uninterrupted run (the checkpoint holds every region's roles)."""
@@ -230,7 +252,7 @@ def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny
     full = root / "interleaved_full"
     proc = _train(full, inter)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((full / "manifest.json").read_text())
+    manifest = read_manifest(full)
     assert [(p["status"], p["step"]) for p in manifest["phases"]] == [("done", 4), ("done", 4)]
     order = [1 if "phase1/generator_loss" in r else 2 for r in _metrics(full)]
     assert order == [1, 2] * 4
@@ -256,6 +278,6 @@ def test_bf16_run_checkpoints_and_resumes(tiny):
     assert code != 0
     proc = _train(run_dir, bf16)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest = read_manifest(run_dir)
     assert [p["status"] for p in manifest["phases"]] == ["done", "done"]
     assert [r["step"] for r in _metrics(run_dir)][-1] == 6

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests import tiny_wan
+from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -21,9 +22,6 @@ LAYOUTS = {  # name: (world size, layout kwargs, token grid)
     "tp2_cp2_sp": (4, {"tp": 2, "cp": 2, "sequence_parallel": True}, "even"),
 }
 
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, save):

@@ -1,4 +1,5 @@
-"""A finished tiny two-phase run and everything exported and sampled from it, built once per test session.
+"""Tiny pipelines (Wan2.2 T2V, I2V/TI2V, Qwen-Image) and finished tiny runs with everything exported and sampled
+from them, built once per test session (tests/conftest.py's fixtures).
 
 ``python -m tests.tiny_run ROOT`` (one process: Megatron is imported once) writes under ROOT:
 ``base/`` (a whole tiny WanPipeline: two random experts, tiny UMT5 + tokenizer, tiny AutoencoderKLWan
@@ -212,8 +213,8 @@ def image_run_cases(root: Path, kind: str) -> dict[str, list[str]]:
 
 def build_image_run(root: Path, kind: str) -> None:
     """A tiny image-conditioned two-phase run (configs/tiny_wan22_{kind}.yaml) from image shards, its exports
-    and samples: ``base/`` (a whole tiny WanImageToVideoPipeline, the teacher), ``shards/``, ``run/``, the
-    cases of :func:`image_run_cases` and ``results.json``."""
+    and samples: ``base/`` (a whole tiny WanImageToVideoPipeline, the teacher), ``shards/`` (I2V: two
+    buckets), ``run/``, the cases of :func:`image_run_cases` and ``results.json``."""
     from safetensors.torch import save_file
 
     from data.conditioning import ConditionEncoder, load_vae
@@ -237,9 +238,11 @@ def build_image_run(root: Path, kind: str) -> None:
                     "--buckets", buckets, "--num-frames", "5", "--device", "cpu", "--vae", str(base),
                     "--prompts", str(root / "pairs.jsonl"), "--images", str(root / "images")]) != 0:
         raise RuntimeError(f"writing the {kind} shards failed")
+    # The recipe's 4 steps a phase (tests/test_train_i2v.py reads the run too); I2V with previews at step 4
+    previews = ["logging.sample_every=4", f"logging.vae={base}"] if kind == "i2v" else []
     cfg = load_config(ROOT / "configs" / f"tiny_wan22_{kind}.yaml", [
-        f"model.teacher.path={base}", f"data.shards={root / 'shards'}", "train.steps=1", "train.checkpoint_every=1",
-        "method.fake_ratio=1", "student.lr=0.01", "wandb.mode=disabled"])
+        f"model.teacher.path={base}", f"data.shards={root / 'shards'}", "method.fake_ratio=1", "student.lr=0.01",
+        "wandb.mode=disabled", *previews])
     tic = time.perf_counter()
     if train(cfg, str(root / "run")) != 0:
         raise RuntimeError(f"training the tiny {kind} run failed")
@@ -257,42 +260,102 @@ def build_image_run(root: Path, kind: str) -> None:
     (root / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
-    """kind -> the built tiny I2V and TI2V runs (:func:`build_image_run`; once per pytest session, one
-    subprocess for both: Megatron is imported once)."""
+def _build_in_subprocess(what: str, code: str, timeout: float) -> None:
+    """Run a build in one fresh single-rank process (Megatron imported once for all its runs and exports;
+    nothing of it left in the pytest process)."""
     from tests.multirank import free_port
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
+                          cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"building {what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+
+
+def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """kind -> the built tiny I2V and TI2V runs (:func:`build_image_run`; once per pytest session, one
+    subprocess for both)."""
     root = tmp_path_factory.getbasetemp() / "pdmd_tiny_image_runs"
     kinds = ("i2v", "ti2v")
     if not all((root / k / "results.json").is_file() for k in kinds):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(key, None)
-        code = ("from pathlib import Path; from tests.tiny_run import build_image_run\n"
-                f"for kind in {kinds!r}: build_image_run(Path({str(root)!r}) / kind, kind)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=900,
-                              cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the tiny image runs failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        _build_in_subprocess("the tiny image runs", "from pathlib import Path; from tests.tiny_run import build_image_run\n"
+                             f"for kind in {kinds!r}: build_image_run(Path({str(root)!r}) / kind, kind)", 900)
     return {k: (root / k, json.loads((root / k / "results.json").read_text())) for k in kinds}
 
 
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
     """The built tiny run (built on first use in this pytest session, in a subprocess)."""
-    from tests.multirank import free_port
-
     root = tmp_path_factory.getbasetemp() / "pdmd_tiny_export"
     if not (root / "results.json").is_file():
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-            env.pop(key, None)
-        proc = subprocess.run([sys.executable, "-m", "tests.tiny_run", str(root)], capture_output=True, text=True,
-                              env=env, timeout=600, cwd=ROOT)
-        if proc.returncode != 0:
-            raise RuntimeError(f"building the tiny run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        _build_in_subprocess("the tiny run", f"from pathlib import Path; from tests.tiny_run import build\nbuild(Path({str(root)!r}))",
+                             600)
     return root, json.loads((root / "results.json").read_text())
+
+
+# --- Qwen-Image -----------------------------------------------------------------------------------
+def tiny_qwen_vae(seed: int = 0):
+    """A tiny AutoencoderKLQwenImage (z_dim 4, 8x spatial like Qwen-Image's)."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                                  latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
+
+
+def write_qwen_base_pipeline(out: Path) -> Path:
+    """A whole tiny QwenImagePipeline folder (the teacher a Qwen-Image run distils, and what its export
+    copies): pdmd.tiny_models' tiny transformer, the tiny Qwen2.5-VL text encoder and tokenizer, a tiny VAE."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
+
+    from data.tiny_encoders import QWEN_DIM, tiny_parts
+    from pdmd.tiny_models import write_tiny_qwen_image_teacher
+
+    parts = write_tiny_qwen_image_teacher(out.parent / "teacher_parts", text_dim=QWEN_DIM)
+    tokenizer, text_encoder = tiny_parts("qwen2.5-vl")
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+                                                shift_terminal=0.02)  # Qwen-Image's own kind of schedule
+    QwenImagePipeline(scheduler=scheduler, vae=tiny_qwen_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
+                      transformer=QwenImageTransformer2DModel.from_pretrained(parts / "transformer")).save_pretrained(out)
+    return out
+
+
+QWEN_RUNS = {"run": [], "run1": ["plan.num_phases=1", "train.steps=2", "method.fake_ratio=1"]}
+
+
+def build_qwen(root: Path, teacher: Path, shards: Path) -> None:
+    """configs/tiny_qwen_image.yaml trained as each of QWEN_RUNS (student lr 0.01 so that the experts move),
+    each exported with --verify (``export_<name>``), and a --lora-only export of ``run`` (refused)."""
+    from pdmd.config import load_config
+    from pdmd.train import train
+
+    torch.set_num_threads(1)
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict = {"_timings": {}}
+    for name, extra in QWEN_RUNS.items():
+        cfg = load_config(ROOT / "configs" / "tiny_qwen_image.yaml", [
+            f"model.teacher.path={teacher}", f"data.shards={shards}", "student.lr=0.01", "wandb.mode=disabled", *extra])
+        tic = time.perf_counter()
+        if train(cfg, str(root / name)) != 0:
+            raise RuntimeError(f"training the tiny Qwen-Image {name} failed")
+        results["_timings"][name] = round(time.perf_counter() - tic, 2)
+        results[f"export_{name}"] = _call("convert", ["--run", str(root / name), "--out", str(root / f"export_{name}"),
+                                                      "--verify"])
+    results["export_lora"] = _call("convert", ["--run", str(root / "run"), "--out", str(root / "export_lora"),
+                                               "--lora-only"])
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def build_qwen_runs(tiny, root: Path) -> dict:
+    """The built :func:`build_qwen` (``tiny``: conftest's Tiny with the teacher pipeline and shards): ``root``,
+    ``base`` and each command's result by name."""
+    if not (root / "results.json").is_file():
+        _build_in_subprocess("the tiny Qwen-Image runs", "from pathlib import Path; from tests.tiny_run import build_qwen\n"
+                             f"build_qwen(Path({str(root)!r}), Path({str(tiny.teacher)!r}), Path({str(tiny.shards)!r}))",
+                             900)
+    return {"root": root, "base": tiny.teacher, **json.loads((root / "results.json").read_text())}
 
 
 if __name__ == "__main__":

@@ -78,6 +78,10 @@ def build_megatron(ctx, cfg_dict, state_dict):
     return tc, model
 
 
+def call(model, inp: dict[str, torch.Tensor], latents: torch.Tensor) -> torch.Tensor:
+    return model(latents, inp["timestep"], inp["text"], image=inp.get("image"))
+
+
 def train_step(tc, model, inp):
     """One forward/backward of loss = sum(out * w) through Megatron's schedule, DDP and
     finalize_model_grads; returns (output or None, input grad or None, trainable params' grads)."""
@@ -94,7 +98,7 @@ def train_step(tc, model, inp):
         return (out * inp["w"]).sum(), {}
 
     def forward_step(_, m):
-        return m(latents, inp["timestep"], inp["text"], image=inp.get("image")), loss_fn
+        return call(m, inp, latents), loss_fn
 
     tokens = latents.shape[2] * latents.shape[3] * latents.shape[4] // 4
     get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter([None]), model=[ddp],

@@ -1,0 +1,118 @@
+"""Fixtures and helpers shared by the test modules.
+
+Every tiny build (teacher folders, prompt shards, trained runs with their exports) is a session fixture
+here, built once per pytest session under pytest's basetemp, whichever module asks first. Tests only
+read them: a test that changes a run, a teacher or shards copies it first (``shutil.copytree``) or writes
+under its own ``tmp_path``. See tests/README.md for what each build holds and who uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------ helpers
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """|a - b| / |b| in float64 (``b`` of zero norm counts as 1e-30, so that two zero tensors agree)."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment of a command a test runs (``pdmd train``, tools): one torch thread, this checkout
+    importable, W&B offline."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", **extra}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl (none before the first logged step)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def read_manifest(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------ session builds
+
+@dataclass(frozen=True)
+class Tiny:
+    """A tiny teacher folder and prompt shards for it: what a tiny recipe's run needs."""
+
+    teacher: Path
+    shards: Path
+    prompts: list[str]
+
+    @property
+    def overrides(self) -> list[str]:
+        return [f"model.teacher.path={self.teacher}", f"data.shards={self.shards}"]
+
+
+@pytest.fixture(scope="session")
+def wan_tiny(tmp_path_factory) -> Tiny:
+    """The tiny Wan2.2 teacher of configs/tiny_wan22.yaml (two random experts, UMT5's text width) and
+    UMT5 shards of the odd prompt list (37 prompts, 5 a shard, max_length 32, fp32)."""
+    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from tests.tiny_encoders import UMT5_DIM, build_dataset
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("wan_tiny")
+    teacher = write_tiny_wan22_teacher(root / "teacher", text_dim=UMT5_DIM)
+    shards, prompts = build_dataset("umt5", root / "data")
+    return Tiny(teacher, shards, prompts)
+
+
+@pytest.fixture(scope="session")
+def umt5_shards(wan_tiny) -> tuple[Path, list[str]]:
+    """(shard folder, prompts in order) of :func:`wan_tiny`, for the data tests."""
+    return wan_tiny.shards, wan_tiny.prompts
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny(tmp_path_factory) -> Tiny:
+    """A whole tiny QwenImagePipeline (the teacher of configs/tiny_qwen_image.yaml and the base its
+    exports copy) and Qwen2.5-VL shards of the odd prompt list."""
+    from tests.tiny_encoders import build_dataset
+    from tests.tiny_run import write_qwen_base_pipeline
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("qwen_tiny")
+    base = write_qwen_base_pipeline(root / "base")
+    shards, prompts = build_dataset("qwen2.5-vl", root / "data")
+    return Tiny(base, shards, prompts)
+
+
+@pytest.fixture(scope="session")
+def tiny_wan_run(tmp_path_factory) -> tuple[Path, dict]:
+    """tests/tiny_run.py's finished tiny Wan run, its exports and samples, and every command's result."""
+    from tests.tiny_run import tiny_run
+
+    torch.set_num_threads(1)
+    return tiny_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
+    """kind -> the finished tiny I2V and TI2V runs (tests/tiny_run.py), their exports and samples."""
+    from tests.tiny_run import tiny_image_runs
+
+    torch.set_num_threads(1)
+    return tiny_image_runs(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def qwen_runs(qwen_tiny, tmp_path_factory) -> dict:
+    """Two tiny Qwen-Image runs of configs/tiny_qwen_image.yaml (a large student lr so that the experts
+    move): ``run`` (two phases) and ``run1`` (one phase), each exported with --verify."""
+    from tests.tiny_run import build_qwen_runs
+
+    return build_qwen_runs(qwen_tiny, tmp_path_factory.mktemp("qwen_runs"))

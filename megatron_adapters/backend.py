@@ -342,6 +342,14 @@ class MegatronBackend:
         module, _ = self._module(role, 0)
         return self._run(module, x, t, text, cond=cond).float()
 
+    def set_lr(self, lrs: dict[str, float]) -> None:
+        """The active region's learning rates for the next updates: ``{"student": lr, "fake": lr}``
+        (every fake gets the fake's). Set before every step, so a resumed run needs no schedule state."""
+        for name, tr in self.trainables.items():
+            lr = lrs["student" if name == "student" else "fake"]
+            for group in tr.optimizer.param_groups:
+                group["lr"] = lr
+
     def train_step(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                    cond: Conditioning | None = None) -> dict[str, float]:

@@ -104,6 +104,9 @@ class OptimConfig:
     beta1: float = 0.0  # DMD2 / the paper: no momentum
     beta2: float = 0.999
     grad_clip: float = 1.0
+    # lr over each phase's generator updates: constant, or decayed to 0 at the phase's end (linear /
+    # cosine). A decayed student ends where its last updates average out (docs/benchmarks.md, issue 17).
+    lr_decay: str = "constant"
     lora: LoRASection | None = None  # students only: None trains all parameters
 
 
@@ -184,7 +187,23 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {
     ("fake", "beta1"): 0.0,
     ("method", "sgts_min_step"): 1,
     ("method", "fake_warmup"): 0,
+    ("student", "lr_decay"): "constant",
+    ("fake", "lr_decay"): "constant",
 }
+
+LR_DECAYS = ("constant", "linear", "cosine")
+
+
+def lr_at(optim: OptimConfig, step: int, steps: int) -> float:
+    """The learning rate of generator update ``step`` (0-based) of a phase of ``steps`` updates."""
+    import math
+
+    frac = step / max(steps, 1)
+    if optim.lr_decay == "linear":
+        return optim.lr * (1 - frac)
+    if optim.lr_decay == "cosine":
+        return optim.lr * 0.5 * (1 + math.cos(math.pi * frac))
+    return optim.lr
 
 
 def _build(cls, raw: Any, where: str):
@@ -353,6 +372,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"method.cfg_scale={meth.cfg_scale} must be >= 0 (1 = no guidance)")
     for section in ("student", "fake"):
         _positive(getattr(cfg, section).lr, f"{section}.lr")
+        if getattr(cfg, section).lr_decay not in LR_DECAYS:
+            raise ConfigError(f"{section}.lr_decay={getattr(cfg, section).lr_decay!r}: choose one of {list(LR_DECAYS)}")
     if cfg.fake.lora is not None:
         raise ConfigError("fake.lora: the fake score trains all parameters (set fake.lora=null)")
     t = cfg.train

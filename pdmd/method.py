@@ -8,6 +8,7 @@ The backend protocol (implemented by megatron_adapters.backend.MegatronWanBacken
 - ``train_step(role, x, t, text, loss_fn, cond) -> {"loss", "grad_norm", ...}``: one optimizer step of
   ``student`` or ``fake{e}`` on the batch-mean loss, ``loss_fn(v, idx)`` being the mean loss of the
   samples ``idx`` (a micro-batch) whose velocities at (x[idx], t[idx]) are v, with grad;
+- ``set_lr({"student": lr, "fake": lr})``: the learning rates of the next updates (the trainer's schedule);
 - ``expert_of(t)``, ``dp_rank``, ``device``.
 
 The student is trained by regression (DESIGN.md): all no-grad passes first give the DMD target

@@ -18,7 +18,7 @@ import time
 import torch
 
 from pdmd.conditioning import Conditioning
-from pdmd.config import ConfigError, RunConfig, load_config
+from pdmd.config import ConfigError, RunConfig, load_config, lr_at
 from pdmd.method import PhaseTrainer
 from pdmd.metrics import MetricsLogger
 from pdmd.phases import RunDir, tree_hash
@@ -126,6 +126,8 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             text = _text(backend, batch)
             negative = negative_single.expand(text.shape[0], *negative_single.shape[1:])
             cond = Conditioning.from_batch(batch, backend.device)  # image-to-video shards; None for text only
+            lrs = {"student": lr_at(cfg.student, step, steps), "fake": lr_at(cfg.fake, step, steps)}
+            backend.set_lr(lrs)
             fake = [trainer.fake_step(step, i, text, cond) for i in range(cfg.method.fake_ratio)]
             gen = trainer.generator_step(step, text, negative, cond)
             bad[k] = bad[k] + 1 if gen.get("skipped") else 0
@@ -142,8 +144,8 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             scalars[f"phase{k}/samples_per_s"] = text.shape[0] * backend.dp_size / elapsed
             scalars[f"phase{k}/step_time_s"] = elapsed
             scalars[f"phase{k}/bad_steps_in_a_row"] = float(bad[k])
-            scalars[f"phase{k}/student_lr"] = cfg.student.lr
-            scalars[f"phase{k}/fake_lr"] = cfg.fake.lr
+            scalars[f"phase{k}/student_lr"] = lrs["student"]
+            scalars[f"phase{k}/fake_lr"] = lrs["fake"]
             scalars[f"phase{k}/peak_memory_gb"] = _peak_memory_gb()
             if k in warmup:
                 scalars[f"phase{k}/fake_warmup_loss"] = warmup.pop(k)

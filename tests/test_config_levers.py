@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd.config import LATER_KEYS, ConfigError, load_config
+from pdmd.config import LATER_KEYS, ConfigError, OptimConfig, load_config, lr_at
 from pdmd.method import PhaseTrainer
 from pdmd.schedule import PhasePlan
 
@@ -33,21 +33,33 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     assert "beta1" not in ident["student"] and "exact" not in ident["model"]["teacher"]
     assert "sgts_min_step" not in ident["method"] and "fake_warmup" not in ident["method"]
     for key, value in (("student.beta1", "0.9"), ("fake.beta1", "0.5"), ("method.sgts_min_step", "2"),
-                       ("method.fake_warmup", "10")):
+                       ("method.fake_warmup", "10"), ("student.lr_decay", "linear"), ("fake.lr_decay", "cosine")):
         changed = _cfg(teacher, f"{key}={value}")
         assert changed.hash() != base.hash(), key
-    assert len(LATER_KEYS) == 5
+    assert len(LATER_KEYS) == 7
 
 
 @pytest.mark.parametrize("override, message", [
     ("method.sgts_min_step=0", "method.sgts_min_step=0 must be a step of the sampler, 1..4"),
     ("method.sgts_min_step=5", "method.sgts_min_step=5"),
     ("method.fake_warmup=-1", "method.fake_warmup=-1 must be an integer >= 0"),
+    ("student.lr_decay=step", "student.lr_decay='step': choose one of"),
     ("model.teacher.exact=/no/such/file.safetensors", "model.teacher.exact=/no/such/file.safetensors: no such file"),
 ])
 def test_bad_lever_values_name_the_key(teacher, override, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         _cfg(teacher, override)
+
+
+def test_lr_decay_schedules():
+    """constant keeps lr; linear and cosine start at lr and reach 0 at the phase's end (step = steps)."""
+    for kind, mid in (("constant", 1e-4), ("linear", 5e-5), ("cosine", 5e-5)):
+        o = OptimConfig(lr=1e-4, lr_decay=kind)
+        assert lr_at(o, 0, 100) == pytest.approx(1e-4)
+        assert lr_at(o, 50, 100) == pytest.approx(mid)
+        assert lr_at(o, 100, 100) == pytest.approx(1e-4 if kind == "constant" else 0.0, abs=1e-12)
+    cos = OptimConfig(lr=1.0, lr_decay="cosine")
+    assert lr_at(cos, 25, 100) == pytest.approx(0.5 * (1 + 2**-0.5))
 
 
 class _Recorder:

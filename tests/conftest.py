@@ -113,6 +113,25 @@ def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
 def qwen_runs(qwen_tiny, tmp_path_factory) -> dict:
     """Two tiny Qwen-Image runs of configs/tiny_qwen_image.yaml (a large student lr so that the experts
     move): ``run`` (two phases) and ``run1`` (one phase), each exported with --verify."""
-    from tests.tiny_run import build_qwen_runs
+    from tests.tiny_run import qwen_runs
 
-    return build_qwen_runs(qwen_tiny, tmp_path_factory.mktemp("qwen_runs"))
+    return qwen_runs(qwen_tiny, tmp_path_factory)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _start_trained_builds(request, tmp_path_factory):
+    """Start the trained builds that the selected tests ask for now, each in its own process, so that they
+    run while other tests do (most tests leave one of 2 cores idle); their fixtures wait for them. Builds
+    still running at the end of the session (a -x stop) are killed."""
+    from tests import tiny_run
+
+    wanted = set().union(*(item.fixturenames for item in request.session.items))
+    if "tiny_wan_run" in wanted:
+        tiny_run.start_tiny_run(tmp_path_factory)
+    if "tiny_image_runs" in wanted:
+        tiny_run.start_tiny_image_runs(tmp_path_factory)
+    if "qwen_runs" in wanted:
+        tiny_run.start_qwen_runs(request.getfixturevalue("qwen_tiny"), tmp_path_factory)
+    yield
+    for build in tiny_run.BUILDS.values():
+        build.stop()

@@ -24,6 +24,7 @@ from tests.multirank import free_port
 
 RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
 QWEN_RECIPE = ROOT / "configs" / "tiny_qwen_image.yaml"
+INTERLEAVED = ["method.schedule=interleaved", "train.checkpoint_every=2"]
 pytestmark = pytest.mark.multirank
 
 
@@ -83,16 +84,48 @@ def _start_and_kill(run_dir: Path, overrides: list[str], when, sig: int, nproc: 
             os.killpg(proc.pid, signal.SIGKILL)
 
 
+class _Started:
+    """A `pdmd train` started now and waited for by the test that reads it (output in files: no pipe fills)."""
+
+    def __init__(self, run_dir: Path, overrides: list[str]) -> None:
+        self.out, self.err = run_dir.with_name(run_dir.name + ".out"), run_dir.with_name(run_dir.name + ".err")
+        with open(self.out, "w") as out, open(self.err, "w") as err:
+            self.proc = subprocess.Popen(_cmd(run_dir, overrides), stdout=out, stderr=err, env=subprocess_env())
+
+    def result(self) -> subprocess.CompletedProcess:
+        code = self.proc.wait(timeout=600)
+        return subprocess.CompletedProcess(self.proc.args, code, self.out.read_text(), self.err.read_text())
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
 @pytest.fixture(scope="module")
-def full_run(tiny):
+def started(tiny):
+    """The module's uninterrupted runs, started together when the first is needed (a single-rank run leaves
+    one of 2 cores idle): ``full`` (the Wan contract run with previews, the kill -9 test's reference),
+    ``interleaved_full`` (the interleaved schedule's reference) and ``nan`` (every step non-finite)."""
     from tests.tiny_run import tiny_vae
 
     root, overrides = tiny
-    run_dir = root / "full"
     tiny_vae().save_pretrained(root / "vae")  # previews: logging settings are not part of the run's identity
-    proc = _train(run_dir, [*overrides, "logging.sample_every=2", "logging.sample_count=2", f"logging.vae={root / 'vae'}"])
+    extras = {"full": ["logging.sample_every=2", "logging.sample_count=2", f"logging.vae={root / 'vae'}"],
+              "interleaved_full": INTERLEAVED,
+              # A CFG scale this large overflows fp32: every DMD target is inf/nan, every generator step skipped.
+              "nan": ["method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"]}
+    runs = {name: _Started(root / name, [*overrides, *extra]) for name, extra in extras.items()}
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny, started):
+    proc = started["full"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return run_dir
+    return tiny[0] / "full"
 
 
 @pytest.mark.parametrize("family", ["wan", "qwen"])
@@ -209,11 +242,9 @@ def test_randomness_same_for_model_parallel_peers_different_across_replicas():
     assert not torch.equal(torch.randn(4, generator=make_generator(7, 2, 12, "generator", 0)), draw(0))
 
 
-def test_non_finite_steps_stop_the_phase_with_checkpoints_intact(tiny):
-    root, overrides = tiny
-    run_dir = root / "nan"
-    # A CFG scale this large overflows fp32: every DMD target is inf/nan, so every generator step is skipped.
-    proc = _train(run_dir, [*overrides, "method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"])
+def test_non_finite_steps_stop_the_phase_with_checkpoints_intact(tiny, started):
+    run_dir = tiny[0] / "nan"
+    proc = started["nan"].result()
     assert proc.returncode == 3  # diverged: the Slurm scripts do not retry it
     assert "2 generator steps in a row had a non-finite" in proc.stderr
     phase1 = read_manifest(run_dir)["phases"][0]
@@ -244,13 +275,13 @@ def test_qwen_tiny_recipe_and_paper_recipe_load(qwen_tiny):
     assert paper.model.kind == "qwen-image" and paper.train.latent_shape == [16, 1, 128, 128]
 
 
-def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny):
+def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny, started):
     """LightX2V's arrangement: both phases' roles resident, iterations alternate; a kill -9 mid-run and a
     rerun give the experts of an uninterrupted run (the checkpoint holds every region's roles)."""
     root, overrides = tiny
-    inter = [*overrides, "method.schedule=interleaved", "train.checkpoint_every=2"]
+    inter = [*overrides, *INTERLEAVED]
     full = root / "interleaved_full"
-    proc = _train(full, inter)
+    proc = started["interleaved_full"].result()
     assert proc.returncode == 0, proc.stderr[-3000:]
     manifest = read_manifest(full)
     assert [(p["status"], p["step"]) for p in manifest["phases"]] == [("done", 4), ("done", 4)]

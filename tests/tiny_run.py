@@ -1,11 +1,13 @@
 """Tiny pipelines (Wan2.2 T2V, I2V/TI2V, Qwen-Image) and finished tiny runs with everything exported and sampled
 from them, built once per test session (tests/conftest.py's fixtures).
 
-``python -m tests.tiny_run ROOT`` (one process: Megatron is imported once) writes under ROOT:
-``base/`` (a whole tiny WanPipeline: two random experts, tiny UMT5 + tokenizer, tiny AutoencoderKLWan
-z_dim 4, a UniPC scheduler as the real repos have), ``run/`` (pdmd train, 2 phases, LoRA student with a
-large learning rate so the adapters matter), the exports and `pdmd sample` outputs named in CASES, and
-``results.json`` (exit code and output of every command). Tests get it through :func:`tiny_run`.
+:func:`build` (one process: Megatron is imported once) writes under ROOT: ``base/`` (a whole tiny WanPipeline:
+two random experts, tiny UMT5 + tokenizer, tiny AutoencoderKLWan z_dim 4, a UniPC scheduler as the real repos
+have), ``run/`` (pdmd train, 2 phases, LoRA student with a large learning rate so the adapters matter), the
+exports and `pdmd sample` outputs of :func:`cases`, and ``results.json`` (exit code and output of every
+command). :func:`build_image_run` and :func:`build_qwen` do the same for I2V/TI2V and Qwen-Image. Each build
+runs in its own process (:class:`Build`), started early by conftest; tests get them through conftest's
+fixtures ``tiny_wan_run``, ``tiny_image_runs`` and ``qwen_runs``.
 """
 
 from __future__ import annotations
@@ -260,38 +262,83 @@ def build_image_run(root: Path, kind: str) -> None:
     (root / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def _build_in_subprocess(what: str, code: str, timeout: float) -> None:
-    """Run a build in one fresh single-rank process (Megatron imported once for all its runs and exports;
-    nothing of it left in the pytest process)."""
-    from tests.multirank import free_port
+class Build:
+    """A build in one fresh single-rank process (Megatron imported once for all its runs and exports; nothing
+    of it left in the pytest process). conftest starts the builds the selected tests use at the start of
+    the session, so that they run while other tests do; :meth:`wait` is where a fixture needs the result."""
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
-        env.pop(key, None)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"building {what} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    def __init__(self, what: str, root: Path, code: str, timeout: float) -> None:
+        from tests.multirank import free_port
+
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+            env.pop(key, None)
+        self.what, self.root, self.timeout = what, root, timeout
+        self.log = root.with_name(root.name + ".log")  # a file, not a pipe: nobody reads it while it runs
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        self.deadline = time.monotonic() + timeout
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         cwd=ROOT)
+
+    def wait(self) -> None:
+        try:
+            code = self.proc.wait(timeout=max(1.0, self.deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise RuntimeError(f"building {self.what} took over {self.timeout:.0f} s:\n{self.log.read_text()[-6000:]}") from None
+        if code != 0:
+            raise RuntimeError(f"building {self.what} failed (exit {code}):\n{self.log.read_text()[-8000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+BUILDS: dict[Path, Build] = {}  # root -> its build, started once per session
+
+
+def _build(what: str, root: Path, code: str, timeout: float) -> Build:
+    if root not in BUILDS:
+        BUILDS[root] = Build(what, root, code, timeout)
+    return BUILDS[root]
+
+
+def _image_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "pdmd_tiny_image_runs"
+
+
+IMAGE_KINDS = ("i2v", "ti2v")
+
+
+def start_tiny_image_runs(tmp_path_factory) -> Build:
+    root = _image_root(tmp_path_factory)
+    return _build("the tiny image runs", root, "from pathlib import Path; from tests.tiny_run import build_image_run\n"
+                  f"for kind in {IMAGE_KINDS!r}: build_image_run(Path({str(root)!r}) / kind, kind)", 900)
 
 
 def tiny_image_runs(tmp_path_factory) -> dict[str, tuple[Path, dict]]:
     """kind -> the built tiny I2V and TI2V runs (:func:`build_image_run`; once per pytest session, one
     subprocess for both)."""
-    root = tmp_path_factory.getbasetemp() / "pdmd_tiny_image_runs"
-    kinds = ("i2v", "ti2v")
-    if not all((root / k / "results.json").is_file() for k in kinds):
-        _build_in_subprocess("the tiny image runs", "from pathlib import Path; from tests.tiny_run import build_image_run\n"
-                             f"for kind in {kinds!r}: build_image_run(Path({str(root)!r}) / kind, kind)", 900)
-    return {k: (root / k, json.loads((root / k / "results.json").read_text())) for k in kinds}
+    root = _image_root(tmp_path_factory)
+    if not all((root / k / "results.json").is_file() for k in IMAGE_KINDS):
+        start_tiny_image_runs(tmp_path_factory).wait()
+    return {k: (root / k, json.loads((root / k / "results.json").read_text())) for k in IMAGE_KINDS}
+
+
+def start_tiny_run(tmp_path_factory) -> Build:
+    root = tmp_path_factory.getbasetemp() / "pdmd_tiny_export"
+    return _build("the tiny run", root, f"from pathlib import Path; from tests.tiny_run import build\nbuild(Path({str(root)!r}))",
+                  600)
 
 
 def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
-    """The built tiny run (built on first use in this pytest session, in a subprocess)."""
+    """The built tiny run (:func:`build`; once per pytest session, in a subprocess)."""
     root = tmp_path_factory.getbasetemp() / "pdmd_tiny_export"
     if not (root / "results.json").is_file():
-        _build_in_subprocess("the tiny run", f"from pathlib import Path; from tests.tiny_run import build\nbuild(Path({str(root)!r}))",
-                             600)
+        start_tiny_run(tmp_path_factory).wait()
     return root, json.loads((root / "results.json").read_text())
 
 
@@ -348,13 +395,18 @@ def build_qwen(root: Path, teacher: Path, shards: Path) -> None:
     (root / "results.json").write_text(json.dumps(results, indent=2))
 
 
-def build_qwen_runs(tiny, root: Path) -> dict:
+def start_qwen_runs(tiny, tmp_path_factory) -> Build:
+    root = tmp_path_factory.getbasetemp() / "pdmd_qwen_runs"
+    return _build("the tiny Qwen-Image runs", root, "from pathlib import Path; from tests.tiny_run import build_qwen\n"
+                  f"build_qwen(Path({str(root)!r}), Path({str(tiny.teacher)!r}), Path({str(tiny.shards)!r}))", 900)
+
+
+def qwen_runs(tiny, tmp_path_factory) -> dict:
     """The built :func:`build_qwen` (``tiny``: conftest's Tiny with the teacher pipeline and shards): ``root``,
     ``base`` and each command's result by name."""
+    root = tmp_path_factory.getbasetemp() / "pdmd_qwen_runs"
     if not (root / "results.json").is_file():
-        _build_in_subprocess("the tiny Qwen-Image runs", "from pathlib import Path; from tests.tiny_run import build_qwen\n"
-                             f"build_qwen(Path({str(root)!r}), Path({str(tiny.teacher)!r}), Path({str(tiny.shards)!r}))",
-                             900)
+        start_qwen_runs(tiny, tmp_path_factory).wait()
     return {"root": root, "base": tiny.teacher, **json.loads((root / "results.json").read_text())}
 
 

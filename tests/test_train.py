@@ -42,9 +42,13 @@ def _cmd(run_dir: Path, overrides: list[str], nproc: int = 1) -> list[str]:
             str(free_port()), *train]
 
 
+def _env() -> dict[str, str]:
+    """A single-process run's own rendezvous port: runs started together must not pick the same one."""
+    return subprocess_env(MASTER_PORT=str(free_port()))
+
+
 def _train(run_dir: Path, overrides: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
-    return subprocess.run(_cmd(run_dir, overrides, nproc), capture_output=True, text=True, env=subprocess_env(),
-                          timeout=300)
+    return subprocess.run(_cmd(run_dir, overrides, nproc), capture_output=True, text=True, env=_env(), timeout=300)
 
 
 def _expert_tensors(run_dir: Path, k: int) -> dict[str, torch.Tensor]:
@@ -60,7 +64,7 @@ def _start_and_kill(run_dir: Path, overrides: list[str], when, sig: int, nproc: 
     """Start a run, wait until ``when(metrics)`` holds, send ``sig`` (to one rank only with ``one_rank``),
     return the exit code."""
     proc = subprocess.Popen(_cmd(run_dir, overrides, nproc), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=subprocess_env(), start_new_session=True)
+                            env=_env(), start_new_session=True)
     deadline = time.monotonic() + 240
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -90,7 +94,7 @@ class _Started:
     def __init__(self, run_dir: Path, overrides: list[str]) -> None:
         self.out, self.err = run_dir.with_name(run_dir.name + ".out"), run_dir.with_name(run_dir.name + ".err")
         with open(self.out, "w") as out, open(self.err, "w") as err:
-            self.proc = subprocess.Popen(_cmd(run_dir, overrides), stdout=out, stderr=err, env=subprocess_env())
+            self.proc = subprocess.Popen(_cmd(run_dir, overrides), stdout=out, stderr=err, env=_env())
 
     def result(self) -> subprocess.CompletedProcess:
         code = self.proc.wait(timeout=600)

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from tests import tiny_qwen, tiny_wan
+from tests.conftest import ROOT, subprocess_env
 from tests.multirank import free_port
 
 pytestmark = pytest.mark.multirank
-ROOT = Path(__file__).resolve().parents[1]
 SIZES = ["--frames", "2", "--height", "8", "--width", "8", "--text-len", "7"]
 
 
@@ -33,11 +31,42 @@ def qwen_dir(tmp_path_factory):
     return folder
 
 
+def _cmd(nproc: int, *args: str, model: str = "wan") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port",
+            str(free_port()), str(ROOT / "tools" / "verify_conversion.py"), "--model", model, *args]
+
+
 def _run(nproc: int, *args: str, model: str = "wan") -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(free_port()),
-           str(ROOT / "tools" / "verify_conversion.py"), "--model", model, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    return subprocess.run(_cmd(nproc, *args, model=model), capture_output=True, text=True, env=subprocess_env(),
+                          timeout=150)
+
+
+@pytest.fixture(scope="module")
+def one_rank(pipeline_dir, qwen_dir, tmp_path_factory):
+    """The single-rank commands, started together on first use (one rank leaves one of 2 cores idle):
+    name -> a function that waits for its CompletedProcess."""
+    cases = {
+        "tolerance": _cmd(1, "--diffusers", str(pipeline_dir), "--subfolder", "transformer_2", "--dtype", "bf16",
+                          "--rtol", "1e-9", *SIZES),
+        "wan_no_subfolder": _cmd(1, "--diffusers", str(pipeline_dir), *SIZES),
+        "qwen_no_subfolder": _cmd(1, "--diffusers", str(qwen_dir), *QWEN_SIZES, model="qwen-image"),
+    }
+    logs = tmp_path_factory.mktemp("verify_logs")
+    procs = {}
+    for name, cmd in cases.items():
+        with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
+            procs[name] = subprocess.Popen(cmd, stdout=out, stderr=err, env=subprocess_env())
+
+    def result(name: str) -> subprocess.CompletedProcess:
+        code = procs[name].wait(timeout=300)
+        return subprocess.CompletedProcess(cases[name], code, (logs / f"{name}.out").read_text(),
+                                           (logs / f"{name}.err").read_text())
+
+    yield result
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_tp2_sp_with_backward_passes(pipeline_dir):
@@ -50,15 +79,14 @@ def test_tp2_sp_with_backward_passes(pipeline_dir):
     assert "input-grad rel_err=" in proc.stdout
 
 
-def test_tolerance_not_met_is_fail_with_exit_1(pipeline_dir):
-    proc = _run(1, "--diffusers", str(pipeline_dir), "--subfolder", "transformer_2", "--dtype", "bf16",
-                "--rtol", "1e-9", *SIZES)
+def test_tolerance_not_met_is_fail_with_exit_1(one_rank):
+    proc = one_rank("tolerance")
     assert proc.returncode == 1
     assert proc.stdout.strip().splitlines()[-1].endswith(" FAIL")
 
 
-def test_pipeline_folder_without_subfolder_says_what_to_do(pipeline_dir):
-    proc = _run(1, "--diffusers", str(pipeline_dir), *SIZES)
+def test_pipeline_folder_without_subfolder_says_what_to_do(one_rank):
+    proc = one_rank("wan_no_subfolder")
     assert proc.returncode != 0
     assert "needs --subfolder transformer or transformer_2" in proc.stdout + proc.stderr
 
@@ -77,7 +105,7 @@ def test_qwen_image_with_padded_text_passes(qwen_dir, layout):
     assert "input-grad rel_err=" in proc.stdout
 
 
-def test_qwen_image_pipeline_folder_names_its_subfolder(qwen_dir):
-    proc = _run(1, "--diffusers", str(qwen_dir), *QWEN_SIZES, model="qwen-image")
+def test_qwen_image_pipeline_folder_names_its_subfolder(one_rank):
+    proc = one_rank("qwen_no_subfolder")
     assert proc.returncode != 0
     assert "needs --subfolder transformer)" in proc.stdout + proc.stderr

@@ -76,11 +76,18 @@ class BenchSettings:
     wan: dict[str, int] = field(default_factory=lambda: dict(DEMO_WAN))
 
     @classmethod
+    def demo(cls) -> BenchSettings:
+        """`pdmd demo`: 4 prompts, so that the smaller m128 network (8x16x512) passes the teacher gate within
+        the demo's budget (on 8 prompts it needs m256 and ~7 min of teacher fitting on 2 cores)."""
+        return cls(prompts=4, wan={**DEMO_WAN, "attention_head_dim": 16, "ffn_dim": 512})
+
+    @classmethod
     def fast(cls) -> BenchSettings:
-        """CI smoke size (~1 min on 2 cores): every stage runs; the numbers are rough and the teacher
-        gate is reported but not enforced."""
+        """CI smoke size (~1 min on 2 cores): every stage runs with the old small network (4x16x128); the
+        numbers are rough and the teacher gate is reported but not enforced."""
         return cls(prompts=2, teacher_shared_steps=250, teacher_expert_steps=80, teacher_batch=64, distill_steps=16,
-                   fake_ratio=1, samples=64, reference_steps=50, enforce_gate=False)
+                   fake_ratio=1, samples=64, reference_steps=50, enforce_gate=False,
+                   wan={**DEMO_WAN, "num_attention_heads": 4, "attention_head_dim": 16, "ffn_dim": 128})
 
     def check(self) -> None:
         """Settings that cannot work fail here, before anything is built."""

@@ -71,7 +71,7 @@ class BenchSettings:
     reference_steps: int = 200  # the converged reference sampler (uniform steps)
     samples: int = 256  # per prompt and method
     ablations: bool = False  # also the ablation rows (SGTS from step 2, last step only, naive fake, ...)
-    enforce_gate: bool = True  # stop before distilling from a teacher that fails the gate
+    enforce_gate: bool = True  # stop before distilling from a trained teacher that fails the gate
     overrides: tuple[str, ...] = ()  # extra trainer overrides for every distillation (experiments)
     wan: dict[str, int] = field(default_factory=lambda: dict(DEMO_WAN))
 
@@ -376,7 +376,9 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     errors = velocity_error_by_t(lambda x, t, text: network_v(0, x, t, text), task, embeds)
     gate = judge(_mean_metrics(gate_rows), errors)
     stage("teacher gate")
-    if not gate["passed"] and s.enforce_gate:
+    # Enforced where the network is the real score; with the exact teacher it only initialises students and
+    # fakes, and the gate is reported.
+    if not gate["passed"] and s.enforce_gate and s.teacher == "trained":
         bar.close()
         raise TeacherGateFailed(format_gate(gate) + "\n\nTrain the teacher longer or bigger (BenchSettings."
                                 "teacher_shared_steps / teacher_expert_steps / wan), or run with the gate reported only.")

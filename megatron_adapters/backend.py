@@ -1,7 +1,7 @@
-"""The Megatron implementation of the method's model protocol (see pdmd/method.py): roles for a phase,
+"""The Megatron implementation of the method's model protocol (see pdmd/core/method.py): roles for a phase,
 velocities without grad, one optimizer step of a trainable role on a loss of its velocity, checkpoints.
 
-Roles of phase k (DESIGN.md "Roles, not copies"): the teacher experts (frozen), the student (trainable:
+Roles of phase k (docs/architecture.md "Roles, not copies"): the teacher experts (frozen), the student (trainable:
 LoRA adapters on the teacher expert that owns the phase's steps, sharing its backbone, or a full copy),
 the experts of earlier phases (frozen, LoRA merged), and one fake score per teacher expert (trainable,
 re-initialised from that expert at phase start). Every role has the same TP/PP/CP layout; every call
@@ -26,12 +26,11 @@ from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_adapters.conversion import check_and_load
-from megatron_adapters.families import family_for
-from megatron_adapters.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
-from megatron_adapters.parallel import ParallelContext, ParallelLayout, initialize, validate_layout
-from pdmd.conditioning import Conditioning
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from megatron_adapters.families.registry import family_for
+from megatron_adapters.layers.lora import LoRAConfig, apply_lora, lora_disabled, lora_modules
+from megatron_adapters.runtime.parallel import ParallelContext, ParallelLayout, initialize, validate_layout
+from pdmd.core.conditioning import Conditioning
+from pdmd.core.tensors import DTYPES
 
 
 def _frozen(model: torch.nn.Module) -> torch.nn.Module:
@@ -120,13 +119,16 @@ class Trainable:
 
 
 class MegatronBackend:
-    """The protocol of pdmd/method.py over Megatron models of one family (``model.kind``:
-    megatron_adapters/families.py says how each family is built, loaded and called)."""
+    """The protocol of pdmd/core/method.py over Megatron models of one family (``model.kind``:
+    megatron_adapters/families/registry.py says how each family is built, loaded and called)."""
 
-    def __init__(self, cfg, ctx: ParallelContext | None = None) -> None:
+    def __init__(self, cfg, ctx: ParallelContext | None = None,
+                 real_score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> None:
+        """``real_score`` (x, t, text) -> v replaces the teacher role's velocities (a closed-form teacher, as
+        the toy benchmark's exact mixture); the teacher networks are still built, to start students and fakes."""
         self.cfg = cfg
         self.family = family_for(cfg.model.kind, cfg.model.teacher.path, cfg.model.teacher.subfolders)
-        self.wan = self.family.configs  # per-expert architecture configs (the name predates Qwen-Image)
+        self.configs = self.family.configs  # per-expert architecture configs
         self.boundary = cfg.model.teacher.boundary
         layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                 sequence_parallel=cfg.parallel.sequence_parallel)
@@ -156,13 +158,7 @@ class MegatronBackend:
         self.regions: dict[int, dict] = {}  # k -> that region's trainables, student expert, checkpoint prefix
         self.frozen: dict[int, torch.nn.Module] = {}  # finished earlier phases' experts (sequential schedule)
         self.student_expert = 0
-        # A closed-form real score (the toy benchmark's perfect teacher): the teacher role's velocities
-        # come from it; the teacher networks are still built, to initialise students and fakes.
-        self.exact_teacher = None
-        if cfg.model.teacher.exact is not None:
-            from pdmd.exact_teacher import ExactTeacher
-
-            self.exact_teacher = ExactTeacher.load(cfg.model.teacher.exact)
+        self.real_score = real_score
 
     # -- protocol: who we are ---------------------------------------------------------------------
     @property
@@ -178,19 +174,19 @@ class MegatronBackend:
         return self.ctx.device
 
     def text_input(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/model_io.py):
+        """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/core/packing.py):
         Wan's embeddings as they are; Qwen-Image's with the mask packed in."""
         return self.family.text_input(embeds, mask)
 
     def experts_touching(self, lo: float, hi: float) -> list[int]:
         """Teacher experts whose time range meets the interval (lo, hi]."""
-        if len(self.wan) == 1:
+        if len(self.configs) == 1:
             return [0]
         return [e for e, hit in ((0, hi >= self.boundary), (1, lo < self.boundary)) if hit]
 
     def expert_of(self, t: torch.Tensor) -> torch.Tensor:
         """Which teacher expert owns each time (0 = high noise); Wan2.2 A14B: t >= boundary -> 0."""
-        if len(self.wan) == 1:
+        if len(self.configs) == 1:
             return torch.zeros_like(t, dtype=torch.long)
         return (t < self.boundary).long()
 
@@ -323,8 +319,8 @@ class MegatronBackend:
     def velocity(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                  cond: Conditioning | None = None) -> torch.Tensor:
         """v(x, t) of ``role`` (teacher / fake / student / expert:j), routed per sample to the expert owning t."""
-        if role == "teacher" and self.exact_teacher is not None:
-            return self.exact_teacher.velocity(x, t, text)
+        if role == "teacher" and self.real_score is not None:
+            return self.real_score(x, t, text)
         x, text = x.to(self.dtype), text.to(self.dtype)
         if role in ("teacher", "fake"):
             experts = self.expert_of(t)
@@ -425,5 +421,3 @@ class MegatronBackend:
         model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
         return model
 
-
-MegatronWanBackend = MegatronBackend  # the name the trainer, the export and the tests know it by

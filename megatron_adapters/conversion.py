@@ -258,3 +258,31 @@ def load_stage_from_diffusers(model: torch.nn.Module, reader: TensorReader, rule
         )
     owned = [k for k in model.state_dict() if not k.endswith("_extra_state")]
     check_and_load(model, megatron_shard(reader, rules, layout, owned), f"loading {what} weights")
+
+
+def lora_rules(weight_rules: list[Rule], modules: set[str]) -> list[Rule]:
+    """Rules from our LoRA parameters to diffusers/peft names, derived from a family's weight rules: ``lora_A``
+    of a fused or column-parallel module is shared by its parts; ``lora_B`` splits exactly as the weight does."""
+    rules: list[Rule] = []
+    covered = set()
+    for rule in weight_rules:
+        module = rule.megatron.removesuffix(".weight")
+        if not rule.megatron.endswith(".weight") or module not in modules:
+            continue
+        covered.add(module)
+        targets = [d.removesuffix(".weight") for d in rule.diffusers]
+        a_rules = [Rule(f"{module}.lora_A", (f"{d}.lora_A.weight",), "row" if rule.kind == "row" else "replicated")
+                   for d in targets]
+        b_keys = tuple(f"{d}.lora_B.weight" for d in targets)
+        if rule.kind == "fused":
+            b_rule = Rule(f"{module}.lora_B", b_keys, "fused", rule.head_dim)
+        elif rule.kind == "column":
+            b_rule = Rule(f"{module}.lora_B", b_keys, "column")
+        elif rule.kind == "row":
+            b_rule = Rule(f"{module}.lora_B", b_keys, "replicated")
+        else:
+            raise ValueError(f"LoRA on {module}, a replicated (not tensor-parallel) weight, has no export rule")
+        rules += [*a_rules, b_rule]
+    if modules - covered:
+        raise ValueError(f"no diffusers name for the LoRA module(s) {sorted(modules - covered)}")
+    return rules

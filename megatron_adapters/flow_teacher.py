@@ -1,6 +1,6 @@
 """Train a small Wan2.2-style teacher by flow matching, with our Megatron Wan model, on a known data set.
 
-What the demo (pdmd/demo.py) distils: a two-expert teacher like Wan2.2-A14B. One network is first
+What the demo (pdmd/bench/demo.py) distils: a two-expert teacher like Wan2.2-A14B. One network is first
 trained on all of t, then copied into the high-noise expert (t >= boundary) and the low-noise expert,
 and each copy is fine-tuned on its own range, as Wan2.2's experts specialise a shared initialisation.
 The result is written back as a diffusers folder through the same conversion rules the exporter uses,
@@ -17,11 +17,11 @@ from pathlib import Path
 import torch
 
 from megatron_adapters.conversion import diffusers_from_shards
-from megatron_adapters.parallel import ParallelLayout, initialize
-from megatron_adapters.wan.config import WanConfig, transformer_config
-from megatron_adapters.wan.convert import load_from_diffusers, wan_rules
-from megatron_adapters.wan.model import build_wan_model
-from megatron_adapters.wan.specs import layer_spec
+from megatron_adapters.families.wan.config import WanConfig, transformer_config
+from megatron_adapters.families.wan.convert import load_from_diffusers, wan_rules
+from megatron_adapters.families.wan.model import build_wan_model
+from megatron_adapters.families.wan.specs import layer_spec
+from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
 # (batch size, generator) -> (clean latents [B, C, F, H, W], text embeddings [B, L, D], prompt index [B])
 DataFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]

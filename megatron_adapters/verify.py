@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from pdmd.core.tensors import DTYPES, rel_err
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -58,7 +58,8 @@ class WanCase:
 
     @staticmethod
     def config(raw: dict):
-        from megatron_adapters.wan.config import WanConfig
+        # lazy: Megatron loads in seconds; --help stays fast
+        from megatron_adapters.families.wan.config import WanConfig
 
         return WanConfig.from_dict(raw)
 
@@ -91,10 +92,11 @@ class WanCase:
 
     @staticmethod
     def build(ctx, cfg, folder: Path, dtype: torch.dtype):
-        from megatron_adapters.wan.config import transformer_config
-        from megatron_adapters.wan.convert import load_from_diffusers
-        from megatron_adapters.wan.model import build_wan_model
-        from megatron_adapters.wan.specs import local_layer_spec
+        # lazy: Megatron loads in seconds; --help stays fast
+        from megatron_adapters.families.wan.config import transformer_config
+        from megatron_adapters.families.wan.convert import load_from_diffusers
+        from megatron_adapters.families.wan.model import build_wan_model
+        from megatron_adapters.families.wan.specs import local_layer_spec
 
         model = build_wan_model(transformer_config(cfg, ctx.model_parallel_kwargs(), params_dtype=dtype), cfg,
                                 local_layer_spec()).to(ctx.device)
@@ -116,7 +118,8 @@ class QwenImageCase:
 
     @staticmethod
     def config(raw: dict):
-        from megatron_adapters.qwen_image.config import QwenImageConfig
+        # lazy: Megatron loads in seconds; --help stays fast
+        from megatron_adapters.families.qwen_image.config import QwenImageConfig
 
         return QwenImageConfig.from_dict(raw)
 
@@ -154,10 +157,11 @@ class QwenImageCase:
 
     @staticmethod
     def build(ctx, cfg, folder: Path, dtype: torch.dtype):
-        from megatron_adapters.qwen_image.config import transformer_config
-        from megatron_adapters.qwen_image.convert import load_from_diffusers
-        from megatron_adapters.qwen_image.model import build_qwen_image_model
-        from megatron_adapters.qwen_image.specs import local_layer_spec
+        # lazy: Megatron loads in seconds; --help stays fast
+        from megatron_adapters.families.qwen_image.config import transformer_config
+        from megatron_adapters.families.qwen_image.convert import load_from_diffusers
+        from megatron_adapters.families.qwen_image.model import build_qwen_image_model
+        from megatron_adapters.families.qwen_image.specs import local_layer_spec
 
         model = build_qwen_image_model(transformer_config(cfg, ctx.model_parallel_kwargs(), params_dtype=dtype), cfg,
                                        local_layer_spec()).to(ctx.device)
@@ -217,12 +221,14 @@ def _ours(ctx, case, folder: Path, cfg, inp, dtype, backward: bool):
     return out, xgrad
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    # lazy: Megatron loads in seconds; --help stays fast
+    from megatron_adapters.runtime.parallel import (
+        ParallelLayout,
+        initialize,
+    )
 
     case = CASES[args.model]
     folder = _folder(args)
@@ -247,9 +253,9 @@ def run(args: argparse.Namespace) -> int:
     out, xgrad = _ours(ctx, case, folder, cfg, inp, dtype, args.backward)
     errors = torch.full((2,), -1.0, dtype=torch.float64, device=ctx.device)
     if out is not None:
-        errors[0] = _rel(out, ref_out)
+        errors[0] = rel_err(out, ref_out)
     if xgrad is not None:
-        errors[1] = _rel(xgrad, ref_grad)
+        errors[1] = rel_err(xgrad, ref_grad)
     dist.all_reduce(errors, op=dist.ReduceOp.MAX)
     worst = errors.max().item()
     passed = worst <= rtol and errors[0] >= 0

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from pdmd import __version__
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
-    ("demo", "pdmd.demo", "run the whole method on CPU with tiny models (the README's first command)"),
+    ("demo", "pdmd.bench.demo", "run the whole method on CPU with tiny models (the README's first command)"),
     ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
     ("sample", "pdmd.sample", "few-step samples from a run or an export: pdmd sample --run DIR --embeds F --out F"),
-    ("bench", "pdmd.bench", "benchmarks of the method: pdmd bench toy (Phased DMD vs DMD2+SGTS on exact ground truth)"),
-    ("toy-1d", "pdmd.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
-    ("plan", "pdmd.plan", "memory per GPU and step time of a recipe at each parallel layout: pdmd plan CONFIG --gpus N"),
+    ("bench", "pdmd.bench.cli", "benchmarks of the method: pdmd bench toy (Phased DMD vs DMD2+SGTS on exact ground truth)"),
+    ("toy-1d", "pdmd.bench.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
+    ("plan", "pdmd.plan.planner", "memory per GPU and step time of a recipe at each parallel layout: pdmd plan CONFIG --gpus N"),
 ]
 
 

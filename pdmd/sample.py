@@ -9,7 +9,7 @@ zeros to 512 tokens as WanPipeline does. Initial noise is ``--latents`` or drawn
 as WanPipeline draws it with ``generator=torch.Generator("cpu").manual_seed(seed)``.
 Writes ``--out`` (safetensors, key ``latents``) and, with a VAE, decoded PNG (one frame) / GIF / MP4 files.
 
-Image-conditioned runs (``data.conditioning`` i2v / ti2v, pdmd/conditioning.py) take ``--image`` (encoded by
+Image-conditioned runs (``data.conditioning`` i2v / ti2v, pdmd/core/conditioning.py) take ``--image`` (encoded by
 data/conditioning.py's ConditionEncoder, exactly as WanImageToVideoPipeline.prepare_latents does) or ``--cond``
 (the stored tensors); the sampler then feeds ``cond.model_input`` with per-token timesteps and restores the
 given first frame (ti2v) after every step, as the trainer's rollout and the pipeline do.
@@ -20,20 +20,26 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from pdmd.conditioning import Conditioning
-from pdmd.export_files import dtype_kwarg
-from pdmd.export_layout import EXPORT_INFO, ExportError, check_conditioning, conditioning_kind
-from pdmd.schedule import PhasePlan
-
-# (phase, x, t [B], text[, cond]) -> v. The callable applies ``cond`` itself (model input, per-token
-# timesteps: it knows its patch size); euler_sample passes it only when there is one.
-Velocity = Callable[..., torch.Tensor]
-WAN_SCALE = (4, 8)  # WanPipeline's temporal / spatial VAE factors when it has no VAE
+from data.conditioning import ConditionEncoder, load_vae
+from data.encoders import load_prompt_encoder
+from data.format import COND_KEYS
+from data.images import Bucket, load_rgb
+from pdmd.core.conditioning import Conditioning
+from pdmd.core.sampler import euler_sample
+from pdmd.export.layout import ExportError, check_conditioning, read_run
+from pdmd.export.pipelines import (
+    ExportedExperts,
+    decode,
+    initial_noise,
+    pad_embeds,
+    save_media,
+    vae_folder,
+    vae_scale,
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -70,119 +76,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # --- the sampler -----------------------------------------------------------------------------------
-@torch.no_grad()
-def euler_sample(velocity: Velocity, plan: PhasePlan, x: torch.Tensor, text: torch.Tensor,
-                 negative: torch.Tensor | None = None, guidance: float = 1.0,
-                 cond: Conditioning | None = None) -> torch.Tensor:
-    """Our sampler: the trainer's rollout (pdmd/method.py) run to t = 0, CFG as WanPipeline does it (g > 1).
-
-    With ``cond`` (image conditioning) every velocity call gets it (the negative pass too: the pipelines
-    keep the image in the unconditional pass) and ``cond.clamp`` restores the given part after every step,
-    so a TI2V first frame is exactly the image latent throughout and at the end."""
-    if guidance > 1.0 and negative is None:
-        raise ValueError("guidance > 1 needs negative prompt embeddings")
-    times = [*plan.timesteps, 0.0]
-    x = x.float()
-    extra: tuple[Conditioning, ...] = ()
-    if cond is not None:
-        cond = to_device(cond.expand(x.shape[0]), x.device)
-        x, extra = cond.clamp(x), (cond,)
-    for i in range(plan.num_steps):
-        k = plan.phase_of_step(i)
-        t = torch.full((x.shape[0],), times[i], device=x.device)
-        v = velocity(k, x, t, text, *extra)
-        if guidance > 1.0:
-            v_neg = velocity(k, x, t, negative, *extra)
-            v = v_neg + guidance * (v - v_neg)
-        x = x + (times[i + 1] - times[i]) * v.float()
-        if cond is not None:
-            x = cond.clamp(x)
-    return x
-
-
-def to_device(cond: Conditioning, device: torch.device | str) -> Conditioning:
-    return Conditioning(cond.kind, cond.latents.to(device),
-                        None if cond.mask is None else cond.mask.to(device))
-
-
-def initial_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """What WanPipeline.prepare_latents draws with a CPU generator seeded by ``seed`` (float32)."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    return randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed), device=torch.device("cpu"),
-                        dtype=torch.float32)
-
-
-def pad_embeds(embeds: list[torch.Tensor], max_length: int) -> torch.Tensor:
-    """Trimmed [L_i, D] embeddings -> [B, max_length, D], zero-padded like WanPipeline._get_t5_prompt_embeds."""
-    out = embeds[0].new_zeros(len(embeds), max_length, embeds[0].shape[-1])
-    for i, e in enumerate(embeds):
-        out[i, : min(len(e), max_length)] = e[:max_length]
-    return out.float()
-
-
-# --- diffusers experts ---------------------------------------------------------------------------------
-def diffusers_velocity(model, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, dtype: torch.dtype,
-                       cond: Conditioning | None = None) -> torch.Tensor:
-    """v of a diffusers WanTransformer3DModel fed ``1000 t``, with the inputs WanImageToVideoPipeline builds
-    for a conditioning (i2v: channels cat; ti2v: first frame replaced, per-token timesteps [B, S])."""
-    ts = t * 1000.0
-    if cond is not None:
-        x, ts = cond.model_input(x), cond.timesteps(ts, tuple(model.config.patch_size))
-    return model(x.to(dtype), ts, text.to(dtype), return_dict=False)[0].float()
-
-
-class DiffusersExperts:
-    """Phase k's diffusers WanTransformer3DModel per phase: an export's students, or a teacher folder's
-    experts (:meth:`from_folders`) for checking the sampler against the pipelines themselves."""
-
-    def __init__(self, models: dict, plan: PhasePlan, dtype: torch.dtype = torch.float32,
-                 conditioning: str | None = None) -> None:
-        self.models, self.plan, self.dtype, self.conditioning = models, plan, dtype, conditioning
-
-    @classmethod
-    def from_folders(cls, folders: dict[int, str | Path], plan: PhasePlan, dtype: torch.dtype = torch.float32,
-                     conditioning: str | None = None) -> DiffusersExperts:
-        from diffusers import WanTransformer3DModel
-
-        models = {k: WanTransformer3DModel.from_pretrained(f, **dtype_kwarg(dtype)).eval() for k, f in folders.items()}
-        return cls(models, plan, dtype, conditioning)
-
-    def config(self) -> dict:
-        return dict(self.models[min(self.models)].config)
-
-    def in_channels(self) -> int:
-        return int(self.config()["in_channels"])
-
-    def latent_channels(self) -> int:
-        """Channels of the generated latents (the noise): out_channels (I2V reads more than it makes)."""
-        cfg = self.config()
-        return int(cfg.get("out_channels") or cfg["in_channels"])
-
-    @torch.no_grad()
-    def velocity(self, k: int, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                 cond: Conditioning | None = None) -> torch.Tensor:
-        return diffusers_velocity(self.models[k], x, t, text, self.dtype, cond)
-
-
-class ExportedExperts(DiffusersExperts):
-    """Phase k's diffusers WanTransformer3DModel from an export folder (``pdmd_export.json`` says where)."""
-
-    def __init__(self, folder: str | Path, dtype: str | None = None) -> None:
-        self.folder = Path(folder)
-        info_path = self.folder / EXPORT_INFO
-        if not info_path.is_file():
-            raise ExportError(f"--export {self.folder}: no {EXPORT_INFO}; is this a folder written by "
-                              "tools/convert_to_diffusers.py?")
-        self.info = json.loads(info_path.read_text())
-        if self.info["kind"] == "lora":
-            raise ExportError(f"--export {self.folder} holds LoRA files only: load them into the base pipeline "
-                              "(docs/export.md), or sample the run with --run")
-        plan = PhasePlan(tuple(self.info["timesteps"]), tuple(self.info["boundaries"]))
-        torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype or self.info.get("dtype", "fp32")]
-        built = DiffusersExperts.from_folders({p["index"]: self.folder / p["folder"] for p in self.info["phases"]},
-                                              plan, torch_dtype)
-        super().__init__(built.models, plan, torch_dtype, conditioning_kind(self.info.get("conditioning")))
 
 
 # --- inputs ------------------------------------------------------------------------------------------
@@ -212,7 +105,6 @@ def prompt_inputs(args: argparse.Namespace, default_encoder: Path | None) -> tup
         return data["prompt_embeds"].float(), (neg.float() if neg is not None else None)
     if not prompts:
         raise ExportError("nothing to sample: give --embeds FILE.safetensors, --prompt TEXT or --prompts FILE")
-    from data.encoders import load_prompt_encoder
 
     path = args.encoder_path or default_encoder
     if path is None or not (Path(path) / "text_encoder").is_dir():
@@ -236,68 +128,11 @@ def noise_shape(args: argparse.Namespace, batch: int, channels: int, default: li
     return (batch, channels, (args.num_frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
 
 
-def vae_folder(path: str | Path | None) -> Path | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if (p / "vae" / "config.json").is_file():
-        return p / "vae"
-    if (p / "config.json").is_file():
-        return p
-    raise ExportError(f"--vae {p}: neither an AutoencoderKLWan folder nor a pipeline folder with vae/")
-
-
-def decode(latents: torch.Tensor, vae_dir: Path):
-    """Frames [B, F, H, W, 3] in [0, 1] (numpy), decoded exactly as WanPipeline does for output_type="np"."""
-    from diffusers import AutoencoderKLWan
-    from diffusers.video_processor import VideoProcessor
-
-    vae = AutoencoderKLWan.from_pretrained(vae_dir, **dtype_kwarg(torch.float32)).eval()
-    z = vae.config.z_dim
-    mean = torch.tensor(vae.config.latents_mean).view(1, z, 1, 1, 1)
-    std = 1.0 / torch.tensor(vae.config.latents_std).view(1, z, 1, 1, 1)
-    with torch.no_grad():
-        video = vae.decode(latents.float() / std + mean, return_dict=False)[0]
-    return VideoProcessor(vae_scale_factor=vae.config.scale_factor_spatial).postprocess_video(video, output_type="np")
-
-
-def save_media(frames, out: Path, video_format: str) -> list[Path]:
-    """One PNG (a single frame), GIF (Pillow) or MP4 (imageio, when installed) per sample, next to ``out``."""
-    from PIL import Image
-
-    written = []
-    for i, clip in enumerate(frames):
-        images = [Image.fromarray((f * 255).round().clip(0, 255).astype("uint8")) for f in clip]
-        if len(images) == 1:
-            path = out.with_name(f"{out.stem}_{i}.png")
-            images[0].save(path)
-        elif video_format == "gif":
-            path = out.with_name(f"{out.stem}_{i}.gif")
-            images[0].save(path, save_all=True, append_images=images[1:], duration=62, loop=0)
-        else:
-            from diffusers.utils import export_to_video
-
-            path = out.with_name(f"{out.stem}_{i}.mp4")
-            try:
-                export_to_video(list(clip), str(path), fps=16)
-            except ImportError as exc:
-                raise ExportError(f"MP4 needs imageio and imageio-ffmpeg ({exc}); use --video-format gif") from exc
-        written.append(path)
-    return written
-
-
 # --- image conditioning ---------------------------------------------------------------------------------
-def vae_scale(vae_dir: Path | None) -> tuple[int, int]:
-    """(temporal, spatial) factors of an AutoencoderKLWan folder; WanPipeline's defaults without one."""
-    if vae_dir is None:
-        return WAN_SCALE
-    cfg = json.loads((vae_dir / "config.json").read_text())
-    return cfg.get("scale_factor_temporal", 4), cfg.get("scale_factor_spatial", 8)
 
 
 def read_cond(path: str | Path, kind: str) -> Conditioning:
     """--cond: the stored conditioning tensors (data/format.py's COND_KEYS, one sample or a batch)."""
-    from data.format import COND_KEYS
 
     data = read_tensors(path, "--cond")
     held = [k for k, keys in COND_KEYS.items() if all(key in data for key in keys)]
@@ -317,8 +152,6 @@ def encode_image(path: str | Path, vae_dir: Path, kind: str, height: int, width:
                  device: torch.device | str | None = None) -> Conditioning:
     """--image through data/conditioning.py's ConditionEncoder: diffusers' crop-resize to height x width and
     the VAE encoding of WanImageToVideoPipeline.prepare_latents, bit for bit what the shards store."""
-    from data.conditioning import ConditionEncoder, load_vae
-    from data.images import Bucket, load_rgb
 
     if not Path(path).is_file():
         raise ExportError(f"--image {path}: no such file")
@@ -382,8 +215,8 @@ def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str
         source = {"export": str(Path(args.export).resolve())}
         check_conditioning(kind, experts.config(), f"--export {args.export}")
     else:
-        from megatron_adapters.export import RunExperts
-        from pdmd.export_layout import read_run
+        # lazy: Megatron loads in seconds; --help stays fast
+        from megatron_adapters.experts import RunExperts
 
         run = read_run(args.run, args.teacher, check_hashes=False)
         plan, default_shape = run.plan, list(run.config["train"]["latent_shape"])

@@ -17,11 +17,14 @@ import time
 
 import torch
 
-from pdmd.conditioning import Conditioning
-from pdmd.config import ConfigError, RunConfig, load_config, lr_at
-from pdmd.method import PhaseTrainer
-from pdmd.metrics import MetricsLogger
-from pdmd.phases import RunDir, tree_hash
+from data.loader import PromptDataConfig, PromptLoader
+from pdmd.core.conditioning import Conditioning
+from pdmd.core.config import ConfigError, RunConfig, load_config, lr_at
+from pdmd.core.distributed import barrier, is_rank0
+from pdmd.core.method import PhaseTrainer
+from pdmd.export.pipelines import decode, save_media, vae_folder
+from pdmd.run.metrics import MetricsLogger
+from pdmd.run.rundir import RunDir, tree_hash
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -76,8 +79,6 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     """Train ``phases``: one phase (the paper's sequential schedule), or all of them interleaved
     (iteration i trains phases[i mod K]; LightX2V). Checkpoints and the resume point live in the
     first phase's manifest entry."""
-    from data.loader import PromptDataConfig, PromptLoader
-
     manifest = run.read()
     owner = phases[0]
     entry = manifest["phases"][owner - 1]
@@ -157,7 +158,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                         f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)")
                 if bar is not None:
                     bar.set_postfix_str(line, refresh=False)
-                elif backend_rank0():
+                elif is_rank0():
                     print(line, flush=True)
             if bar is not None:
                 bar.update(1)
@@ -167,11 +168,11 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             if done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None:
                 backend.save(run.step_dir(owner, done), {"step": done, "loader": loader.state_dict(), "phase": owner,
                                                          "phases": phases})
-                if backend_rank0():
+                if is_rank0():
                     run.record_checkpoint(owner, done, cfg.train.keep_last)
                     for j in phases if n > 1 else []:  # interleaved: each phase's own updates so far
                         run.update_phase(j, step=sum(1 for i in range(done) if phases[i % n] == j))
-                _barrier()
+                barrier()
             if signalled is not None and done < total:  # every rank says so: Slurm logs show each task
                 counted = " (iterations over all phases)" if n > 1 else ""
                 print(f"phase {k}: signal {signalled} received, checkpoint at step {done} saved{counted}; exiting",
@@ -183,24 +184,24 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     for k in phases:
         backend.activate(k)
         backend.save_expert(run.expert_dir(k))
-    _barrier()
-    if backend_rank0():
+    barrier()
+    if is_rank0():
         for k in phases:
             run.update_phase(k, status="done", step=steps, expert=str(run.expert_dir(k).relative_to(run.path)),
                              expert_hash=tree_hash(run.expert_dir(k)))
-    _barrier()
+    barrier()
     return 0
 
 
 def _text(backend, batch: dict) -> torch.Tensor:
     """The text tensor the method passes around, on the device: the backend decides what travels with the
-    embeddings (Qwen-Image: its padding mask, packed in as a last channel, pdmd/model_io.py; Wan: nothing)."""
+    embeddings (Qwen-Image: its padding mask, packed in as a last channel, pdmd/core/packing.py; Wan: nothing)."""
     return backend.text_input(batch["text_embeds"], batch["text_mask"]).to(backend.device)
 
 
 def _progress(cfg: RunConfig, k: int | str, start: int, steps: int):
     """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get one line per step instead."""
-    if not (cfg.logging.progress and backend_rank0() and sys.stderr.isatty()):
+    if not (cfg.logging.progress and is_rank0() and sys.stderr.isatty()):
         return None
     from tqdm import tqdm
 
@@ -212,9 +213,6 @@ class _Previews:
     noise, so that successive previews show the generator changing, decoded through the VAE on rank 0."""
 
     def __init__(self, cfg: RunConfig, run: RunDir, data_cfg, backend) -> None:
-        from data.loader import PromptLoader
-        from pdmd.sample import vae_folder
-
         first = next(iter(PromptLoader(data_cfg, dp_rank=0, dp_size=1).forever()))
         self.text = _text(backend, first)[: cfg.logging.sample_count]
         cond = Conditioning.from_batch(first, backend.device)
@@ -224,10 +222,8 @@ class _Previews:
         self.seed, self.dir = cfg.seed, run.path / "samples"
 
     def log(self, trainer: PhaseTrainer, logger: MetricsLogger, k: int, done: int, global_step: int) -> None:
-        from pdmd.sample import decode, save_media
-
         latents = trainer.preview(self.text, self.seed, self.cond)  # every rank: the passes are collective
-        if not backend_rank0():
+        if not is_rank0():
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         paths = save_media(decode(latents.cpu(), self.vae), self.dir / f"phase{k}_step{done}", "gif")
@@ -243,35 +239,39 @@ def _peak_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-def backend_rank0() -> bool:
-    import torch.distributed as dist
-
-    return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _barrier() -> None:
-    import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.barrier()
+
+def build_backend(cfg: RunConfig, ctx=None):
+    """The trainer's Megatron backend for ``cfg``; ``model.teacher.exact`` (the toy benchmark's closed-form
+    teacher) becomes its real score."""
+    # lazy: Megatron loads in seconds; --help stays fast
+    from megatron_adapters.backend import MegatronBackend
+
+    real_score = None
+    if cfg.model.teacher.exact is not None:
+
+        from pdmd.bench.exact_teacher import ExactTeacher  # lazy: only the toy benchmark's recipe sets it
+
+        real_score = ExactTeacher.load(cfg.model.teacher.exact).velocity
+    return MegatronBackend(cfg, ctx, real_score=real_score)
 
 
 def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
     """Run the requested phases; returns the process exit code."""
-    from megatron_adapters.backend import MegatronWanBackend
-
     stop = _StopFlag()  # before the backend: building 14B of roles takes minutes, and a signal may come
     logger = None
     try:
-        backend = MegatronWanBackend(cfg)
+        backend = build_backend(cfg)
         run = RunDir(run_dir)
         plan = cfg.phase_plan()
-        if backend_rank0():
+        if is_rank0():
             run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict())
-        _barrier()
+        barrier()
         manifest = run.read()
         logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(),
-                               rank=0 if backend_rank0() else 1)
+                               rank=0 if is_rank0() else 1)
         if phase == "all":
             todo = [e["index"] for e in manifest["phases"] if e["status"] != "done"]
         elif phase == "auto":
@@ -292,7 +292,7 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
             code = _phase_loop(cfg, backend, run, group, logger, stop)
             if code:
                 return code
-        if backend_rank0():
+        if is_rank0():
             print(f"run {run.path}: phases done: {[e['index'] for e in run.read()['phases'] if e['status'] == 'done']}")
         return 0
     finally:

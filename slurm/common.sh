@@ -4,7 +4,7 @@
 #
 # Design (docs/slurm.md says why):
 #   - srun starts one task per GPU; each task runs `python -m pdmd.cli train ... --phase auto` and
-#     megatron_adapters.parallel reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first
+#     megatron_adapters.runtime.parallel reads SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID; MASTER_ADDR is the first
 #     host of the job's node list, MASTER_PORT follows from the job id.
 #   - one job per phase, each job submits the next one (--dependency=afterok on itself) when its phase
 #     is done; a rerun on a finished run directory does nothing.
@@ -234,7 +234,7 @@ pdmd_main() {
         "PYTHONUNBUFFERED=1"
     )
     if [ "$PDMD_DEVICE" = cpu ]; then
-        # No CUDA for torch: megatron_adapters.parallel then starts gloo and the CPU redirections.
+        # No CUDA for torch: megatron_adapters.runtime.parallel then starts gloo and the CPU redirections.
         task_env+=("CUDA_VISIBLE_DEVICES=" "OMP_NUM_THREADS=${OMP_NUM_THREADS:-$PDMD_CPUS_PER_TASK}")
     else
         task_env+=(

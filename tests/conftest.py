@@ -21,9 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ------------------------------------------------------------------ helpers
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """|a - b| / |b| in float64 (``b`` of zero norm counts as 1e-30, so that two zero tensors agree)."""
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -61,7 +58,7 @@ class Tiny:
 def wan_tiny(tmp_path_factory) -> Tiny:
     """The tiny Wan2.2 teacher of configs/tiny_wan22.yaml (two random experts, UMT5's text width) and
     UMT5 shards of the odd prompt list (37 prompts, 5 a shard, max_length 32, fp32)."""
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
     from tests.tiny_encoders import UMT5_DIM, build_dataset
 
     torch.set_num_threads(1)

@@ -46,7 +46,7 @@ def build_block(config, *, pre_process: bool = True, post_process: bool = True):
         get_num_layers_to_build,
     )
 
-    from megatron_adapters.norms import SequenceParallelNorm
+    from megatron_adapters.layers.norms import SequenceParallelNorm
 
     layer = get_gpt_layer_local_spec()
     layer.submodules.input_layernorm = SequenceParallelNorm

@@ -25,7 +25,6 @@ from __future__ import annotations
 import os
 import pickle
 import queue
-import socket
 import sys
 import tempfile
 import traceback
@@ -34,28 +33,14 @@ from typing import Any
 
 import torch.multiprocessing as mp
 
+from pdmd.core.distributed import free_port
+
 # Imported once in the forkserver (import errors there are ignored): what rank functions use most.
 PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_adapters.backend"]
 
 
 class RankFailure(AssertionError):
     """A rank raised, or the job timed out; the message carries the rank's traceback."""
-
-
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on now and that this process has not handed out before: commands started
-    together must not get the same port between the choice and their bind."""
-    for _ in range(100):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port not in _HANDED_OUT:
-            _HANDED_OUT.add(port)
-            return port
-    raise RuntimeError("no free port not handed out before")
 
 
 def _context():

@@ -31,7 +31,7 @@ CASES = [(family, layout) for family, layouts in LAYOUTS.items() for layout in l
 def _inputs(family, cfg):
     """Latents, the text tensor the backend takes, a regression target; for Qwen-Image also the prompt
     embeddings and mask (the second prompt 3 tokens shorter: padding, zeros, masked)."""
-    from pdmd.model_io import pack_text
+    from pdmd.core.packing import pack_text
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *cfg.train.latent_shape, generator=g)
@@ -49,7 +49,7 @@ def _qwen_diffusers_velocity(cfg, x, t, embeds, mask):
     """The teacher as QwenImagePipeline calls it: packed latents, sigma timesteps, the padded mask."""
     from diffusers import QwenImageTransformer2DModel
 
-    from pdmd.model_io import pack_latents, unpack_latents
+    from pdmd.core.packing import pack_latents, unpack_latents
 
     ref = QwenImageTransformer2DModel.from_pretrained(Path(cfg.model.teacher.path) / "transformer").eval()
     h, w = x.shape[-2:]
@@ -63,8 +63,8 @@ def _step(rank, world_size, family, overrides):
     from megatron.core import parallel_state
 
     from megatron_adapters.backend import MegatronBackend
-    from pdmd.config import load_config
-    from pdmd.model_io import pack_text
+    from pdmd.core.config import load_config
+    from pdmd.core.packing import pack_text
 
     torch.set_num_threads(1)
     cfg = load_config(RECIPES[family], overrides)
@@ -113,11 +113,11 @@ def layouts(request):
 
 def _diffusers_grads(family, ranks):
     from megatron_adapters.conversion import diffusers_from_shards
-    from megatron_adapters.qwen_image.config import QwenImageConfig
-    from megatron_adapters.qwen_image.convert import qwen_image_rules
-    from megatron_adapters.wan.config import WanConfig
-    from megatron_adapters.wan.convert import wan_rules
-    from pdmd.tiny_models import TINY_QWEN_IMAGE, TINY_WAN
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.convert import qwen_image_rules
+    from megatron_adapters.families.wan.config import WanConfig
+    from megatron_adapters.families.wan.convert import wan_rules
+    from pdmd.bench.tiny_models import TINY_QWEN_IMAGE, TINY_WAN
 
     rules = (wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})) if family == "wan"
              else qwen_image_rules(QwenImageConfig.from_dict(TINY_QWEN_IMAGE)))

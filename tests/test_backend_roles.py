@@ -15,11 +15,11 @@ pytestmark = pytest.mark.multirank
 
 
 def _phases(rank, world_size, overrides, expert_dir):
-    from megatron_adapters.backend import MegatronWanBackend, _base_state
-    from pdmd.config import load_config
+    from megatron_adapters.backend import MegatronBackend, _base_state
+    from pdmd.core.config import load_config
 
     cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml", overrides)
-    backend = MegatronWanBackend(cfg)
+    backend = MegatronBackend(cfg)
     plan = cfg.phase_plan()
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, *cfg.train.latent_shape, generator=g)
@@ -67,13 +67,13 @@ def test_fakes_reinitialised_every_phase_and_earlier_expert_frozen(wan_tiny, tmp
 
 
 def _lora_grad_norms(rank, world_size, overrides):
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.config import load_config
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.config import load_config
 
     out = {}
     for recompute in ("none", "full"):
         cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml", [*overrides, f"model.recompute={recompute}"])
-        backend = MegatronWanBackend(cfg)
+        backend = MegatronBackend(cfg)
         backend.setup_phase(1, 0, {}, cfg.phase_plan().renoise_interval(1))
         g = torch.Generator().manual_seed(0)
         x = torch.randn(2, *cfg.train.latent_shape, generator=g)

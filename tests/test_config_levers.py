@@ -9,16 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd.config import LATER_KEYS, ConfigError, OptimConfig, load_config, lr_at
-from pdmd.method import PhaseTrainer
-from pdmd.schedule import PhasePlan
+from pdmd.core.config import LATER_KEYS, ConfigError, OptimConfig, load_config, lr_at
+from pdmd.core.method import PhaseTrainer
+from pdmd.core.schedule import PhasePlan
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> str:
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 
     return str(write_tiny_wan22_teacher(tmp_path_factory.mktemp("levers") / "teacher"))
 

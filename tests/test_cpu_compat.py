@@ -11,7 +11,7 @@ import re
 import pytest
 import torch
 
-from megatron_adapters import cpu_compat
+from megatron_adapters.runtime import cpu_compat
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the redirections only apply without CUDA")

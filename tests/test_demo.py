@@ -2,7 +2,7 @@
 teacher network that learns the mixture, its gate, both distillations through the trainer, the exports,
 the scoring against the exact mixture, and the files it promises; `pdmd bench toy --fast --teacher exact
 --ablations` does the same from the closed-form teacher with every ablation row, in the same cache, and
-writes the JSON contract. The gate itself: pdmd/teacher_gate.py fails an untrained teacher and passes the
+writes the JSON contract. The gate itself: pdmd/bench/teacher_gate.py fails an untrained teacher and passes the
 exact field."""
 
 from __future__ import annotations
@@ -123,15 +123,15 @@ def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_
 
 
 def test_gate_fails_an_untrained_teacher_and_passes_the_exact_field(tmp_path):
-    """pdmd/teacher_gate.py on a 2-prompt task: a random-weight Wan teacher (never trained) fails on every
+    """pdmd/bench/teacher_gate.py on a 2-prompt task: a random-weight Wan teacher (never trained) fails on every
     criterion it should; the exact velocity sampled finely passes, with zero excess velocity error."""
     import torch
 
-    from pdmd.exact_teacher import ExactTeacher
-    from pdmd.mixture import evaluate
-    from pdmd.mixture_bench import BenchSettings, draw, reference_plan, teacher_velocity
-    from pdmd.teacher_gate import format_gate, judge, velocity_error_by_t
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.exact_teacher import ExactTeacher
+    from pdmd.bench.mixture import evaluate
+    from pdmd.bench.teacher_gate import format_gate, judge, velocity_error_by_t
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.toy import BenchSettings, draw, reference_plan, teacher_velocity
 
     torch.set_num_threads(1)
     s = BenchSettings(prompts=2, samples=64, reference_steps=100)

@@ -1,5 +1,5 @@
-"""The perfect teacher of the toy benchmark: the closed-form mixture velocity (pdmd/mixture.py) against a
-Monte-Carlo estimate of E[eps - x0 | x_t], its prompt lookup and file (pdmd/exact_teacher.py), and the
+"""The perfect teacher of the toy benchmark: the closed-form mixture velocity (pdmd/bench/mixture.py) against a
+Monte-Carlo estimate of E[eps - x0 | x_t], its prompt lookup and file (pdmd/bench/exact_teacher.py), and the
 trainer backend serving it as the teacher role through the same call the networks answer."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pdmd.exact_teacher import ExactTeacher
-from pdmd.mixture import MixtureTask
+from pdmd.bench.exact_teacher import ExactTeacher
+from pdmd.bench.mixture import MixtureTask
 
 torch.set_num_threads(1)
 SHAPE = (1, 1, 2, 2)  # D = 4: importance sampling of the posterior is accurate in few dimensions
@@ -101,13 +101,13 @@ def test_backend_serves_the_exact_teacher_as_the_teacher_role(wan_tiny, tmp_path
 def _backend_velocities(rank: int, world: int, teacher: str, exact: str) -> dict[str, torch.Tensor]:
     from pathlib import Path
 
-    from megatron_adapters.backend import MegatronBackend
-    from pdmd.config import load_config
+    from pdmd.core.config import load_config
+    from pdmd.train import build_backend
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "tiny_wan22.yaml",
                       [f"model.teacher.path={teacher}", f"model.teacher.exact={exact}", "data.shards=unused"])
-    backend = MegatronBackend(cfg)
+    backend = build_backend(cfg)
     backend.setup_phase(2, 1, {}, (0.0, 1.0))
     loaded = ExactTeacher.load(exact)
     text = torch.stack([loaded.prompt_embeds[1], loaded.negative_embeds, loaded.prompt_embeds[0]])

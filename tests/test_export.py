@@ -19,7 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pdmd.export_layout import (
+from pdmd.core.schedule import PhasePlan, few_step_timesteps
+from pdmd.export.layout import (
     ExportError,
     check_scheduler,
     choose_boundary_ratio,
@@ -27,7 +28,6 @@ from pdmd.export_layout import (
     route,
     scheduler_schedule,
 )
-from pdmd.schedule import PhasePlan, few_step_timesteps
 from tests.conftest import rel_err
 
 WAN = PhasePlan.from_steps(4, 5.0, [2, 2])
@@ -189,7 +189,7 @@ def test_wrong_teacher_is_a_layout_mismatch(tiny_wan_run):
 
 
 def _export(argv: list[str], capsys) -> tuple[int, str]:
-    from pdmd.export import main
+    from pdmd.export.convert import main
 
     code = main(argv)
     return code, capsys.readouterr().err
@@ -241,7 +241,7 @@ def test_qwen_export_reproduces_our_sampler(qwen_runs):
 
 
 def _qwen_latents(pipe, x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from pdmd.model_io import pack_latents
+    from pdmd.core.packing import pack_latents
 
     return pipe(prompt_embeds=embeds, prompt_embeds_mask=mask, latents=pack_latents(x), num_inference_steps=4,
                 height=64, width=64, true_cfg_scale=1.0, output_type="latent", return_dict=False)[0]
@@ -250,7 +250,7 @@ def _qwen_latents(pipe, x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tenso
 def test_qwen_export_loads_in_qwen_image_pipeline_and_routes_phases(qwen_runs):
     from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 
-    from pdmd.export_qwen import verify_prompt
+    from pdmd.export.qwen_image import verify_prompt
 
     export = qwen_runs["root"] / "export_run"
     assert (export / "transformer" / "pdmd_qwen_phased.py").is_file()

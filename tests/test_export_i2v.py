@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pdmd.export_layout import (
+from pdmd.core.sampler import euler_sample
+from pdmd.core.schedule import PhasePlan
+from pdmd.export.layout import (
     ExportError,
     PhaseInfo,
     RunInfo,
@@ -24,8 +26,8 @@ from pdmd.export_layout import (
     flow_match_scheduler_config,
     phase_folders,
 )
-from pdmd.sample import DiffusersExperts, ExportedExperts, encode_image, euler_sample
-from pdmd.schedule import PhasePlan
+from pdmd.export.pipelines import DiffusersExperts, ExportedExperts
+from pdmd.sample import encode_image
 from tests.conftest import rel_err
 from tests.tiny_run import IMAGE_RUN_PIXELS, write_image_pipeline, write_test_image
 
@@ -162,9 +164,9 @@ def _hand_run(teacher: Path, kind: str, path: Path) -> RunInfo:
 
 
 def _hand_export(parts, kind: str, out: Path) -> RunInfo:
-    """The export's own writers (pdmd/export.py) over the hand-made run."""
-    from pdmd.export import write_pipeline_files
-    from pdmd.export_files import check_against_teacher, write_transformer
+    """The export's own writers (pdmd/export/convert.py) over the hand-made run."""
+    from pdmd.export.convert import write_pipeline_files
+    from pdmd.export.files import check_against_teacher, write_transformer
 
     run = _hand_run(parts[kind], kind, out.parent / f"run_{kind}")
     folders = phase_folders(run.plan.num_phases)
@@ -253,8 +255,8 @@ def test_exported_pipeline_reproduces_pdmd_sample_with_image(parts, exports, kin
 def test_verify_pipeline_side_matches_our_sampler(parts, exports, kind):
     """What --verify compares: the pipeline fed the seeded test image vs our sampler on its ConditionEncoder
     latents (here over the exported transformers; the run's Megatron experts once the trainer conditions)."""
-    from pdmd.export import exported_latents, verify_condition, verify_vae
-    from pdmd.sample import initial_noise
+    from pdmd.export.convert import exported_latents, verify_condition, verify_vae
+    from pdmd.export.pipelines import initial_noise
 
     out, run = exports[kind]
     shape = (1, *SHAPES[kind][1:])

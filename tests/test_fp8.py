@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pdmd.config import ConfigError, load_config, parity_key
+from pdmd.core.config import ConfigError, load_config, parity_key
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
@@ -77,13 +77,13 @@ def test_fp8_context_is_a_no_op_without_fp8():
     import contextlib
     from types import SimpleNamespace
 
-    from megatron_adapters.fp8 import fp8_context
+    from megatron_adapters.runtime.fp8 import fp8_context
 
     assert isinstance(fp8_context(SimpleNamespace(fp8=None)), contextlib.nullcontext)
 
 
 def test_parity_tool_says_why_it_cannot_run_here(base):
-    from megatron_adapters.wan.specs import te_available
+    from megatron_adapters.layers.specs import te_available
 
     if te_available()[0]:
         pytest.skip("Transformer Engine is available here: the CUDA test runs the tool")
@@ -94,7 +94,7 @@ def test_parity_tool_says_why_it_cannot_run_here(base):
 
 @pytest.mark.cuda
 def test_fp8_parity_on_the_tiny_config(tmp_path, request):
-    from megatron_adapters.wan.specs import te_available
+    from megatron_adapters.layers.specs import te_available
 
     ok, why = te_available()
     if not ok:

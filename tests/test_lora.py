@@ -30,8 +30,8 @@ def _full_b(name: str, rows: int) -> torch.Tensor:
 
 
 def _run(rank, world_size, family, layout, cfg_dict, state_dict, inp):
-    from megatron_adapters.lora import LoRAConfig, apply_lora, lora_disabled
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.layers.lora import LoRAConfig, apply_lora, lora_disabled
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     tiny = FAMILIES[family]
     ctx = initialize(ParallelLayout(**layout))

@@ -16,7 +16,7 @@ RTOL = 1e-5
 
 
 def _init(**layout):
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     return initialize(ParallelLayout(**layout), seed=1234)
 

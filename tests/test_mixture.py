@@ -1,4 +1,4 @@
-"""The toy benchmark's ground truth (pdmd/mixture.py): the mixture's density and sampling are exact, and
+"""The toy benchmark's ground truth (pdmd/bench/mixture.py): the mixture's density and sampling are exact, and
 each metric gives the value computed by hand on exact, collapsed, mis-weighted and shifted sample sets."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from pdmd.mixture import (
+from pdmd.bench.mixture import (
     COVERAGE_SHARE,
     METRICS,
     THREE_SIGMA_MASS,
@@ -20,7 +20,7 @@ from pdmd.mixture import (
     projection_basis,
     save_task,
 )
-from pdmd.plots import plot_metric_bars, plot_projection, save_loss_curves
+from pdmd.bench.plots import plot_metric_bars, plot_projection, save_loss_curves
 
 torch.set_num_threads(1)
 SHAPE = [4, 1, 8, 8]
@@ -343,7 +343,7 @@ def test_evaluate_rejects_mismatched_inputs(task: MixtureTask) -> None:
 # the picture
 # ---------------------------------------------------------------------------------------------------
 def test_plots_write_pngs(task: MixtureTask, tmp_path) -> None:
-    """pdmd/plots.py: the projection (one panel per method), the metric bars and the loss curves are
+    """pdmd/bench/plots.py: the projection (one panel per method), the metric bars and the loss curves are
     PNGs with content; a prompt out of range is refused."""
     from PIL import Image
 

@@ -1,4 +1,4 @@
-"""pdmd.objectives against closed forms, autograd and Monte-Carlo estimates written here independently."""
+"""pdmd.core.objectives against closed forms, autograd and Monte-Carlo estimates written here independently."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pdmd.objectives import (
+from pdmd.core.objectives import (
     cfg_velocity,
     dmd_surrogate,
     dmd_velocity_grad,
@@ -20,7 +20,7 @@ from pdmd.objectives import (
     subinterval_velocity_target,
     subinterval_x0_target,
 )
-from pdmd.schedule import PhasePlan, renoise, transition
+from pdmd.core.schedule import PhasePlan, renoise, transition
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_adapters.parallel import (
+from megatron_adapters.runtime.parallel import (
     LayoutError,
     ParallelLayout,
     expand_first_host,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd import capacity as cap
-from pdmd import plan as pl
+from pdmd.plan import capacity as cap
+from pdmd.plan import planner as pl
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
@@ -78,7 +78,7 @@ def test_forward_flops_equal_torch_flop_counter():
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    from pdmd.tiny_models import TINY_WAN
+    from pdmd.bench.tiny_models import TINY_WAN
     from tests.tiny_qwen import CONFIG as QWEN
 
     torch.set_num_threads(1)
@@ -347,16 +347,16 @@ def _measure(rank: int, world: int, teacher: str, overrides: list[str], out_dir:
              per_token: bool = False, ctx=None):
     """Build each phase's roles with the real backend, step every trainable role twice, and measure
     (``per_token``: one timestep per token, as TI2V's image conditioning sends them)."""
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.config import load_config
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.config import load_config
 
     cfg = load_config(RECIPE, [f"model.teacher.path={teacher}", "data.shards=unused", *overrides])
-    backend = MegatronWanBackend(cfg, ctx)
+    backend = MegatronBackend(cfg, ctx)
     plan = cfg.phase_plan()
     g = torch.Generator().manual_seed(0)
     b = cfg.train.micro_batch_size
     x = torch.randn(b, *cfg.train.latent_shape, generator=g).to(backend.device)
-    text = torch.randn(b, cfg.data["max_length"], backend.wan[0].text_dim, generator=g).to(backend.device)
+    text = torch.randn(b, cfg.data["max_length"], backend.configs[0].text_dim, generator=g).to(backend.device)
     results = {}
     for k in phases:
         earlier = {1: (0, f"{out_dir}/expert1")} if k == 2 else {}
@@ -423,7 +423,7 @@ def _compare(measured: dict, predicted: dict, w: pl.Workload, layout: pl.Layout)
 
 @pytest.fixture(scope="module")
 def tiny_teacher(tmp_path_factory):
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 
     return str(write_tiny_wan22_teacher(tmp_path_factory.mktemp("plan") / "teacher"))
 

@@ -31,7 +31,7 @@ NORMS = ("q_layernorm.weight", "k_layernorm.weight")
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, extra_checks):
     """Train step for every case; extra checks: save a checkpoint and show that the per-head norms'
     TP gradient sum matters ("checkpoint"), refuse image tokens that do not split ("indivisible")."""
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     ctx = initialize(ParallelLayout(**layout))
     results = {}
@@ -40,10 +40,10 @@ def _run_layout(rank, world_size, layout, cases, ckpt_dir, extra_checks):
         out, xgrad, grads = tiny_qwen.train_step(tc, model, inp)
         results[name] = dict(out=out, xgrad=xgrad, grads=grads, first=model.layer_offset, count=len(model.blocks))
     if "bf16" in extra_checks:
-        from megatron_adapters.qwen_image.config import QwenImageConfig, transformer_config
-        from megatron_adapters.qwen_image.convert import load_from_diffusers
-        from megatron_adapters.qwen_image.model import build_qwen_image_model
-        from megatron_adapters.qwen_image.specs import local_layer_spec
+        from megatron_adapters.families.qwen_image.config import QwenImageConfig, transformer_config
+        from megatron_adapters.families.qwen_image.convert import load_from_diffusers
+        from megatron_adapters.families.qwen_image.model import build_qwen_image_model
+        from megatron_adapters.families.qwen_image.specs import local_layer_spec
 
         cfg_dict, state_dict, inp = cases["t2i"]
         cfg = QwenImageConfig.from_dict(cfg_dict)
@@ -64,10 +64,10 @@ def _run_layout(rank, world_size, layout, cases, ckpt_dir, extra_checks):
     if "checkpoint" in extra_checks:
         from megatron.core import dist_checkpointing
 
-        from megatron_adapters.qwen_image.config import QwenImageConfig, transformer_config
-        from megatron_adapters.qwen_image.convert import load_from_diffusers
-        from megatron_adapters.qwen_image.model import build_qwen_image_model
-        from megatron_adapters.qwen_image.specs import local_layer_spec
+        from megatron_adapters.families.qwen_image.config import QwenImageConfig, transformer_config
+        from megatron_adapters.families.qwen_image.convert import load_from_diffusers
+        from megatron_adapters.families.qwen_image.model import build_qwen_image_model
+        from megatron_adapters.families.qwen_image.specs import local_layer_spec
 
         cfg_dict, state_dict, inp = cases["t2i"]
         _, model = tiny_qwen.build_megatron(ctx, cfg_dict, state_dict)
@@ -93,11 +93,11 @@ def _load_checkpoint(rank, world_size, layout, cfg_dict, state_dict, ckpt_dir):
     from megatron.core import dist_checkpointing
 
     from megatron_adapters.conversion import ConversionError
-    from megatron_adapters.parallel import ParallelLayout, initialize
-    from megatron_adapters.qwen_image.config import QwenImageConfig, transformer_config
-    from megatron_adapters.qwen_image.convert import load_from_diffusers
-    from megatron_adapters.qwen_image.model import build_qwen_image_model
-    from megatron_adapters.qwen_image.specs import local_layer_spec
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig, transformer_config
+    from megatron_adapters.families.qwen_image.convert import load_from_diffusers
+    from megatron_adapters.families.qwen_image.model import build_qwen_image_model
+    from megatron_adapters.families.qwen_image.specs import local_layer_spec
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     ctx = initialize(ParallelLayout(**layout))
     cfg = QwenImageConfig.from_dict(cfg_dict)
@@ -161,8 +161,8 @@ def _stages(ranks, key=None):
 def _assemble(ranks, case, tp):
     """Output / input grad from the ranks that have them; parameter grads back in diffusers names."""
     from megatron_adapters.conversion import diffusers_from_shards
-    from megatron_adapters.qwen_image.config import QwenImageConfig
-    from megatron_adapters.qwen_image.convert import qwen_image_rules
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.convert import qwen_image_rules
 
     cp0 = [r for r in ranks if r["cp"] == 0]
     out = next(r["results"][case]["out"] for r in cp0 if r["results"][case]["out"] is not None)
@@ -228,8 +228,8 @@ def test_image_tokens_must_split_over_sp_ranks(layout_results):
 @pytest.mark.parametrize("target", [("tp1", 1, {}), ("pp2", 2, {"pp": 2})], ids=lambda t: t[0])
 def test_checkpoint_saved_at_tp2_loads_bit_exactly(references, layout_results, target):
     from megatron_adapters.conversion import diffusers_from_shards
-    from megatron_adapters.qwen_image.config import QwenImageConfig
-    from megatron_adapters.qwen_image.convert import qwen_image_rules
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.convert import qwen_image_rules
 
     get, ckpt = layout_results
     get("tp2")  # writes the checkpoint
@@ -253,8 +253,8 @@ def test_checkpoint_saved_at_tp2_loads_bit_exactly(references, layout_results, t
 @pytest.mark.parametrize("tp", [2, 4])
 def test_round_trip_diffusers_megatron_diffusers_is_bit_exact(tp):
     from megatron_adapters.conversion import Layout, TensorReader, diffusers_from_shards, megatron_shard
-    from megatron_adapters.qwen_image.config import QwenImageConfig
-    from megatron_adapters.qwen_image.convert import qwen_image_rules
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.convert import qwen_image_rules
 
     model = tiny_qwen.diffusers_model(num_attention_heads=4)
     sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -281,7 +281,7 @@ def test_round_trip_diffusers_megatron_diffusers_is_bit_exact(tp):
     ("sample_size", 64, "unknown QwenImageTransformer2DModel config keys ['sample_size']"),
 ])
 def test_unsupported_configs_are_refused(key, value, needle):
-    from megatron_adapters.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
 
     with pytest.raises(ValueError, match=None) as info:
         QwenImageConfig.from_dict({**tiny_qwen.CONFIG, key: value})
@@ -289,7 +289,7 @@ def test_unsupported_configs_are_refused(key, value, needle):
 
 
 def test_real_config_reads_with_diffusers_defaults():
-    from megatron_adapters.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
 
     cfg = QwenImageConfig.from_dict({"_class_name": "QwenImageTransformer2DModel", "_diffusers_version": "0.35.0"})
     assert (cfg.hidden_size, cfg.num_layers, cfg.ffn_dim, cfg.out_features) == (3072, 60, 12288, 64)
@@ -297,7 +297,7 @@ def test_real_config_reads_with_diffusers_defaults():
 
 
 def test_img_shapes_are_checked():
-    from megatron_adapters.qwen_image.embeddings import image_segments
+    from megatron_adapters.families.qwen_image.embeddings import image_segments
 
     assert image_segments([[(1, 2, 3)], [(1, 2, 3)]], 6) == ((1, 2, 3),)
     with pytest.raises(ValueError, match="differ between samples"):
@@ -309,8 +309,8 @@ def test_img_shapes_are_checked():
 def test_teacher_reads_from_a_sharded_diffusers_folder(tmp_path):
     """save_pretrained with small shards writes an index: each TP rank reads its slices from the files."""
     from megatron_adapters.conversion import Layout, SafetensorsReader, TensorReader, megatron_shard
-    from megatron_adapters.qwen_image.config import QwenImageConfig
-    from megatron_adapters.qwen_image.convert import qwen_image_rules
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig
+    from megatron_adapters.families.qwen_image.convert import qwen_image_rules
 
     model = tiny_qwen.diffusers_model()
     model.save_pretrained(tmp_path, max_shard_size="40KB")
@@ -327,8 +327,8 @@ def test_teacher_reads_from_a_sharded_diffusers_folder(tmp_path):
 
 
 def test_te_spec_without_transformer_engine_says_so():
-    from megatron_adapters.qwen_image.specs import layer_spec
-    from megatron_adapters.wan.specs import te_available
+    from megatron_adapters.families.qwen_image.specs import layer_spec
+    from megatron_adapters.layers.specs import te_available
 
     if te_available()[0]:
         pytest.skip("Transformer Engine is available here")

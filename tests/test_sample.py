@@ -12,8 +12,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pdmd.sample import euler_sample, initial_noise, noise_shape, pad_embeds
-from pdmd.schedule import PhasePlan
+from pdmd.core.sampler import euler_sample
+from pdmd.core.schedule import PhasePlan
+from pdmd.export.pipelines import initial_noise, pad_embeds
+from pdmd.sample import noise_shape
 from tests.conftest import rel_err
 from tests.tiny_run import PROMPTS
 
@@ -66,7 +68,7 @@ def test_output_file_and_decoded_media(tiny_wan_run):
     from diffusers import WanPipeline
     from PIL import Image
 
-    from pdmd.sample import decode
+    from pdmd.export.pipelines import decode
 
     root, results = tiny_wan_run
     assert results["sample_prompts"]["code"] == 0, results["sample_prompts"]["stderr"]

@@ -1,11 +1,11 @@
-"""pdmd.schedule: conventions, shift, the paper's timesteps, the transition kernel, and PhasePlan."""
+"""pdmd.core.schedule: conventions, shift, the paper's timesteps, the transition kernel, and PhasePlan."""
 
 from fractions import Fraction
 
 import pytest
 import torch
 
-from pdmd.schedule import (
+from pdmd.core.schedule import (
     PhasePlan,
     add_noise,
     few_step_timesteps,

@@ -4,8 +4,7 @@ the naive target does not. Plus checks of the toy's analytic side and of `pdmd t
 import pytest
 import torch
 
-from pdmd.cli import main
-from pdmd.toy1d import (
+from pdmd.bench.toy1d import (
     ATOMS,
     ToyConfig,
     atom_velocity,
@@ -16,6 +15,7 @@ from pdmd.toy1d import (
     time_grid,
     wasserstein_1d,
 )
+from pdmd.cli import main
 
 torch.set_num_threads(1)
 
@@ -78,7 +78,7 @@ def test_toy_config_rejects_bad_values():
     with pytest.raises(ValueError, match=r"steps must be an integer >= 1; got steps=0"):
         ToyConfig(steps=0)
     with pytest.raises(ValueError, match=r"target must be one of"):
-        from pdmd.toy1d import train_velocity_model
+        from pdmd.bench.toy1d import train_velocity_model
 
         train_velocity_model("biased", ToyConfig())
 

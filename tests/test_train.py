@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pdmd.config import ConfigError, load_config
-from pdmd.method import make_generator
-from pdmd.phases import tree_hash
+from pdmd.core.config import ConfigError, load_config
+from pdmd.core.distributed import free_port
+from pdmd.core.method import make_generator
+from pdmd.run.rundir import tree_hash
 from tests.conftest import ROOT, read_manifest, subprocess_env
 from tests.conftest import read_metrics as _metrics
-from tests.multirank import free_port
 
 RECIPE = ROOT / "configs" / "tiny_wan22.yaml"
 QWEN_RECIPE = ROOT / "configs" / "tiny_qwen_image.yaml"

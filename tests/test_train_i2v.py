@@ -55,13 +55,13 @@ def test_text_to_video_shards_with_an_i2v_teacher_are_refused(data, tmp_path):
 
 def _ti2v_frames(rank, world_size, overrides):
     from data.loader import PromptDataConfig, PromptLoader
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.conditioning import Conditioning
-    from pdmd.config import load_config
-    from pdmd.method import PhaseTrainer, make_generator
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.conditioning import Conditioning
+    from pdmd.core.config import load_config
+    from pdmd.core.method import PhaseTrainer, make_generator
 
     cfg = load_config(ROOT / "configs" / "tiny_wan22_ti2v.yaml", overrides)
-    backend = MegatronWanBackend(cfg)
+    backend = MegatronBackend(cfg)
     plan = cfg.phase_plan()
     backend.setup_phase(1, 0, {}, plan.renoise_interval(1))
     loader = PromptLoader(PromptDataConfig.from_dict({**cfg.data, "batch_size": 2}), dp_rank=0, dp_size=1)

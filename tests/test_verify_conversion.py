@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
+from pdmd.core.distributed import free_port
 from tests import tiny_qwen, tiny_wan
 from tests.conftest import ROOT, subprocess_env
-from tests.multirank import free_port
 
 pytestmark = pytest.mark.multirank
 SIZES = ["--frames", "2", "--height", "8", "--width", "8", "--text-len", "7"]

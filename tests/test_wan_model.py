@@ -26,7 +26,7 @@ LAYOUTS = {  # name: (world size, layout kwargs, token grid)
 
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, save):
     """Train step for every case; at TP=2 also save a checkpoint and run once with a per-rank q/k norm."""
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     ctx = initialize(ParallelLayout(**layout))
     results = {}
@@ -37,7 +37,7 @@ def _run_layout(rank, world_size, layout, cases, ckpt_dir, save):
         if save and name == "t2v":
             from megatron.core import dist_checkpointing
 
-            import megatron_adapters.attention as attention
+            import megatron_adapters.layers.attention as attention
 
             dist_checkpointing.save(model.sharded_state_dict(), ckpt_dir)
             reduce = attention.all_reduce_sum
@@ -53,11 +53,11 @@ def _load_checkpoint(rank, world_size, layout, cfg_dict, state_dict, ckpt_dir):
     from megatron.core import dist_checkpointing
 
     from megatron_adapters.conversion import ConversionError, TensorReader
-    from megatron_adapters.parallel import ParallelLayout, initialize
-    from megatron_adapters.wan.config import WanConfig, transformer_config
-    from megatron_adapters.wan.convert import load_from_diffusers
-    from megatron_adapters.wan.model import build_wan_model
-    from megatron_adapters.wan.specs import local_layer_spec
+    from megatron_adapters.families.wan.config import WanConfig, transformer_config
+    from megatron_adapters.families.wan.convert import load_from_diffusers
+    from megatron_adapters.families.wan.model import build_wan_model
+    from megatron_adapters.families.wan.specs import local_layer_spec
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     ctx = initialize(ParallelLayout(**layout))
     cfg = WanConfig.from_dict(cfg_dict)
@@ -114,8 +114,8 @@ def layout_results(references, tmp_path_factory):
 def _assemble(ranks, variant, tp):
     """Output / input grad from the ranks that have them; parameter grads back in diffusers names."""
     from megatron_adapters.conversion import diffusers_from_shards
-    from megatron_adapters.wan.config import WanConfig
-    from megatron_adapters.wan.convert import wan_rules
+    from megatron_adapters.families.wan.config import WanConfig
+    from megatron_adapters.families.wan.convert import wan_rules
 
     cp0 = [r for r in ranks if r["cp"] == 0]
     out = next(r["results"][variant]["out"] for r in cp0 if r["results"][variant]["out"] is not None)
@@ -163,8 +163,8 @@ def _stages(ranks):
 @pytest.mark.parametrize("target", [("tp1", 1, {}), ("pp2", 2, {"pp": 2})], ids=lambda t: t[0])
 def test_checkpoint_saved_at_tp2_loads_bit_exactly(references, layout_results, target):
     from megatron_adapters.conversion import diffusers_from_shards
-    from megatron_adapters.wan.config import WanConfig
-    from megatron_adapters.wan.convert import wan_rules
+    from megatron_adapters.families.wan.config import WanConfig
+    from megatron_adapters.families.wan.convert import wan_rules
 
     get, ckpt = layout_results
     get("tp2")  # writes the checkpoint
@@ -187,8 +187,8 @@ def test_checkpoint_saved_at_tp2_loads_bit_exactly(references, layout_results, t
 @pytest.mark.parametrize("tp", [2, 4])
 def test_round_trip_diffusers_megatron_diffusers_is_bit_exact(tp):
     from megatron_adapters.conversion import Layout, TensorReader, diffusers_from_shards, megatron_shard
-    from megatron_adapters.wan.config import WanConfig
-    from megatron_adapters.wan.convert import wan_rules
+    from megatron_adapters.families.wan.config import WanConfig
+    from megatron_adapters.families.wan.convert import wan_rules
 
     cfg_dict = dict(tiny_wan.VARIANTS["i2v"], num_attention_heads=4, added_kv_proj_dim=64)
     model = tiny_wan.diffusers_model("i2v") if tp == 2 else None

@@ -63,10 +63,10 @@ def diffusers_reference(model, inp: dict):
 # -- Megatron side (call inside a spawned rank) ---------------------------------------------------
 def build_megatron(ctx, cfg_dict, state_dict, spec=None):
     from megatron_adapters.conversion import TensorReader
-    from megatron_adapters.qwen_image.config import QwenImageConfig, transformer_config
-    from megatron_adapters.qwen_image.convert import load_from_diffusers
-    from megatron_adapters.qwen_image.model import build_qwen_image_model
-    from megatron_adapters.qwen_image.specs import local_layer_spec
+    from megatron_adapters.families.qwen_image.config import QwenImageConfig, transformer_config
+    from megatron_adapters.families.qwen_image.convert import load_from_diffusers
+    from megatron_adapters.families.qwen_image.model import build_qwen_image_model
+    from megatron_adapters.families.qwen_image.specs import local_layer_spec
 
     cfg = QwenImageConfig.from_dict(cfg_dict)
     tc = transformer_config(cfg, ctx.model_parallel_kwargs())

@@ -61,7 +61,7 @@ def write_base_pipeline(out: Path) -> Path:
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     from data.tiny_encoders import UMT5_DIM, tiny_parts
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 
     teacher = write_tiny_wan22_teacher(out.parent / "teacher_parts", text_dim=UMT5_DIM)
     tokenizer, text_encoder = tiny_parts("umt5")
@@ -94,7 +94,7 @@ def write_image_pipeline(out: Path, kind: str = "i2v", seed: int = 0) -> Path:
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
     from data.tiny_encoders import UMT5_DIM, tiny_parts
-    from pdmd.tiny_models import TINY_WAN
+    from pdmd.bench.tiny_models import TINY_WAN
 
     cfg = {**TINY_WAN, "text_dim": UMT5_DIM, "in_channels": 12 if kind == "i2v" else 4, "out_channels": 4}
     experts = []
@@ -127,7 +127,7 @@ def _train(root: Path, name: str, extra: list[str]) -> None:
     from data.encoders import load_prompt_encoder
     from data.prompts import PromptList, demo_prompts_path, read_prompts
     from data.writer import write_prompt_shards
-    from pdmd.config import load_config
+    from pdmd.core.config import load_config
     from pdmd.train import train
 
     shards = root / "shards"
@@ -149,7 +149,7 @@ def _call(kind: str, argv: list[str]) -> dict:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             if kind == "convert":
-                from pdmd.export import main
+                from pdmd.export.convert import main
 
                 code = main(argv)
             else:
@@ -166,7 +166,7 @@ def _call(kind: str, argv: list[str]) -> dict:
 
 def build(root: Path) -> None:
     from data.tiny_encoders import UMT5_DIM
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 
     torch.set_num_threads(1)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,7 +221,7 @@ def build_image_run(root: Path, kind: str) -> None:
 
     from data.conditioning import ConditionEncoder, load_vae
     from data.images import Bucket, load_rgb
-    from pdmd.config import load_config
+    from pdmd.core.config import load_config
     from pdmd.train import train
     from tools.make_prompt_shards import main as make_shards
 
@@ -268,7 +268,7 @@ class Build:
     the session, so that they run while other tests do; :meth:`wait` is where a fixture needs the result."""
 
     def __init__(self, what: str, root: Path, code: str, timeout: float) -> None:
-        from tests.multirank import free_port
+        from pdmd.core.distributed import free_port
 
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
@@ -354,11 +354,11 @@ def tiny_qwen_vae(seed: int = 0):
 
 def write_qwen_base_pipeline(out: Path) -> Path:
     """A whole tiny QwenImagePipeline folder (the teacher a Qwen-Image run distils, and what its export
-    copies): pdmd.tiny_models' tiny transformer, the tiny Qwen2.5-VL text encoder and tokenizer, a tiny VAE."""
+    copies): pdmd.bench.tiny_models' tiny transformer, the tiny Qwen2.5-VL text encoder and tokenizer, a tiny VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
     from data.tiny_encoders import QWEN_DIM, tiny_parts
-    from pdmd.tiny_models import write_tiny_qwen_image_teacher
+    from pdmd.bench.tiny_models import write_tiny_qwen_image_teacher
 
     parts = write_tiny_qwen_image_teacher(out.parent / "teacher_parts", text_dim=QWEN_DIM)
     tokenizer, text_encoder = tiny_parts("qwen2.5-vl")
@@ -375,7 +375,7 @@ QWEN_RUNS = {"run": [], "run1": ["plan.num_phases=1", "train.steps=2", "method.f
 def build_qwen(root: Path, teacher: Path, shards: Path) -> None:
     """configs/tiny_qwen_image.yaml trained as each of QWEN_RUNS (student lr 0.01 so that the experts move),
     each exported with --verify (``export_<name>``), and a --lora-only export of ``run`` (refused)."""
-    from pdmd.config import load_config
+    from pdmd.core.config import load_config
     from pdmd.train import train
 
     torch.set_num_threads(1)

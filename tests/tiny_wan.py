@@ -66,10 +66,10 @@ def diffusers_reference(model, inp: dict[str, torch.Tensor]):
 # -- Megatron side (call inside a spawned rank) ---------------------------------------------------
 def build_megatron(ctx, cfg_dict, state_dict):
     from megatron_adapters.conversion import TensorReader
-    from megatron_adapters.wan.config import WanConfig, transformer_config
-    from megatron_adapters.wan.convert import load_from_diffusers
-    from megatron_adapters.wan.model import build_wan_model
-    from megatron_adapters.wan.specs import local_layer_spec
+    from megatron_adapters.families.wan.config import WanConfig, transformer_config
+    from megatron_adapters.families.wan.convert import load_from_diffusers
+    from megatron_adapters.families.wan.model import build_wan_model
+    from megatron_adapters.families.wan.specs import local_layer_spec
 
     cfg = WanConfig.from_dict(cfg_dict)
     tc = transformer_config(cfg, ctx.model_parallel_kwargs())

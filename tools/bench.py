@@ -22,7 +22,6 @@ import importlib
 import os
 import platform
 import shlex
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,8 +38,10 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: import the proje
 
 import torch  # noqa: E402
 
+from pdmd.core.distributed import free_port  # noqa: E402
+from pdmd.core.tensors import DTYPES, rel_err  # noqa: E402
+
 DOC = ROOT / "docs" / "benchmarks.md"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -191,16 +192,6 @@ def alternate(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device
     return times
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """||a - b|| / ||b|| in float64."""
-    a, b = a.detach().double(), b.detach().double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- entry: block -----------------------------------------------------------------------------------
@@ -228,12 +219,12 @@ def _block_arguments(p: argparse.ArgumentParser) -> None:
 
 def _single_process_megatron() -> Any:
     """Megatron's parallel state for one process (TP=PP=CP=1) on this machine."""
-    from megatron_adapters.parallel import ParallelLayout, initialize
+    from megatron_adapters.runtime.parallel import ParallelLayout, initialize
 
     if int(os.environ.get("WORLD_SIZE", "1")) != 1:
         raise SystemExit("bench: the block entry runs in one process; do not launch it with several ranks")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
@@ -245,10 +236,10 @@ def _block_models(args: argparse.Namespace, ctx: Any, dtype: torch.dtype) -> tup
     from diffusers import WanTransformer3DModel
 
     from megatron_adapters.conversion import TensorReader
-    from megatron_adapters.wan.config import WanConfig, transformer_config
-    from megatron_adapters.wan.convert import load_from_diffusers
-    from megatron_adapters.wan.model import build_wan_model
-    from megatron_adapters.wan.specs import local_layer_spec
+    from megatron_adapters.families.wan.config import WanConfig, transformer_config
+    from megatron_adapters.families.wan.convert import load_from_diffusers
+    from megatron_adapters.families.wan.model import build_wan_model
+    from megatron_adapters.families.wan.specs import local_layer_spec
 
     if args.hidden % args.heads:
         raise SystemExit(f"bench: --hidden {args.hidden} is not a multiple of --heads {args.heads}")
@@ -285,14 +276,14 @@ def _block_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.d
 def _grads_in_our_layout(ours: torch.nn.Module, grads: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """diffusers' parameter gradients converted to our parameter names and (fused) layouts."""
     from megatron_adapters.conversion import TensorReader, megatron_shard
-    from megatron_adapters.wan.convert import model_layout, wan_rules
+    from megatron_adapters.families.wan.convert import model_layout, wan_rules
 
     return megatron_shard(TensorReader(grads), wan_rules(cfg), model_layout(ours), dict(ours.named_parameters()))
 
 
 def _block_flops(args: argparse.Namespace, tokens: int) -> dict[str, float]:
     """Model FLOPs of one forward and one forward+backward of the benchmarked DiT (the batch)."""
-    from pdmd.capacity import Arch, forward_flops
+    from pdmd.plan.capacity import Arch, forward_flops
 
     arch = Arch("bench", "wan", layers=args.layers, heads=args.heads, head_dim=args.hidden // args.heads, ffn=args.ffn,
                 in_channels=args.channels, out_channels=args.channels, patch=(1, 2, 2), text_dim=args.text_dim)
@@ -322,7 +313,7 @@ def _ms(seconds: float) -> str:
 
 def run_block(args: argparse.Namespace) -> Result:
     """Time forward and forward+backward of both models; check they compute the same thing."""
-    from megatron_adapters.parallel import shutdown
+    from megatron_adapters.runtime.parallel import shutdown
 
     ctx = _single_process_megatron()
     try:
@@ -409,7 +400,7 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
         "not their cache and memory contention)",
         "rel err ours vs diffusers (warm-up results): " + ", ".join(f"{k} {v:.1e}" for k, v in checks.items())
         + f" (rtol {rtol:g}: {'ok' if ok else 'MISMATCH, the timings compare different functions'})",
-        "TFLOP/s (model FLOPs of pdmd.capacity.forward_flops, forward+backward = 3x forward, over the median "
+        "TFLOP/s (model FLOPs of pdmd.plan.capacity.forward_flops, forward+backward = 3x forward, over the median "
         f"wall time; {flops['fwd'] / 1e12:.3g} TFLOP per forward" + (f", peak {peak / 1e12:.0f} TFLOP/s" if peak else "")
         + "): " + "; ".join(rates),
     ]
@@ -421,15 +412,15 @@ def _run_block(args: argparse.Namespace, ctx: Any) -> Result:
 
 # -- entry: qwen-block ------------------------------------------------------------------------------
 def _qwen_block_arguments(p: argparse.ArgumentParser) -> None:
-    from megatron_adapters.qwen_image.bench import add_arguments
+    from megatron_adapters.families.qwen_image.bench import add_arguments
 
     add_arguments(p)
 
 
 def run_qwen_block(args: argparse.Namespace) -> Result:
-    """Our Qwen-Image DiT vs diffusers' (megatron_adapters/qwen_image/bench.py), same protocol as block."""
-    from megatron_adapters.parallel import shutdown
-    from megatron_adapters.qwen_image.bench import bench_qwen_block
+    """Our Qwen-Image DiT vs diffusers' (megatron_adapters/families/qwen_image/bench.py), same protocol as block."""
+    from megatron_adapters.families.qwen_image.bench import bench_qwen_block
+    from megatron_adapters.runtime.parallel import shutdown
 
     ctx = _single_process_megatron()
     try:
@@ -448,7 +439,7 @@ def _tools_module(name: str):
 
 def _in_single_process(module: str, function: str, args: argparse.Namespace) -> Result:
     """Run ``tools/<module>.<function>(args, ctx)`` under a one-process Megatron state, then tear it down."""
-    from megatron_adapters.parallel import shutdown
+    from megatron_adapters.runtime.parallel import shutdown
 
     ctx = _single_process_megatron()
     try:

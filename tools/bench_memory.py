@@ -1,5 +1,5 @@
 """The ``memory`` entry of tools/bench.py: memory of phase 1 and phase 2 of a tiny Wan2.2-MoE run with only
-the roles DESIGN.md makes resident (the sequential schedule) against every role resident at once (the
+the roles docs/architecture.md makes resident (the sequential schedule) against every role resident at once (the
 LightX2V arrangement, ``method.schedule=interleaved``), with a LoRA student and with a full one.
 
 What is counted, per arrangement, after one fake step and one generator step (so that the optimizer
@@ -82,15 +82,15 @@ def static_bytes(backend) -> dict[str, int]:
 
 def measure(cfg, ctx, root: Path, schedule: str) -> list[dict[str, Any]]:
     """Per phase (sequential) or once for all phases (interleaved): static bytes and saved-activation peak."""
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.method import PhaseTrainer
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.method import PhaseTrainer
     from pdmd.train import student_experts
 
-    backend = MegatronWanBackend(cfg, ctx)
+    backend = MegatronBackend(cfg, ctx)
     plan = cfg.phase_plan()
     experts = student_experts(cfg, backend)
     g = torch.Generator().manual_seed(cfg.seed)
-    b, width = cfg.train.micro_batch_size * cfg.train.num_micro_batches, backend.wan[0].text_dim
+    b, width = cfg.train.micro_batch_size * cfg.train.num_micro_batches, backend.configs[0].text_dim
     text = torch.randn(b, cfg.data.get("max_length", 32), width, generator=g).to(backend.device)
     negative = torch.randn(1, cfg.data.get("max_length", 32), width, generator=g).to(backend.device).expand_as(text)
 
@@ -132,8 +132,8 @@ def _cuda_peak() -> dict[str, float]:
 
 
 def bench_memory(args: argparse.Namespace, ctx) -> dict[str, Any]:
-    from pdmd.config import load_config
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
+    from pdmd.core.config import load_config
 
     tmp = tempfile.TemporaryDirectory(prefix="pdmd-bench-memory-")
     root = Path(tmp.name)

@@ -1,5 +1,5 @@
 """The ``step`` entry of tools/bench.py: one Phased DMD generator step and one fake step through the real
-trainer (``PhaseTrainer`` over ``MegatronWanBackend``) on the tiny recipe, the time split into rollout,
+trainer (``PhaseTrainer`` over ``MegatronBackend``) on the tiny recipe, the time split into rollout,
 teacher, fake, student forward / backward / gradient finalisation / optimizer, and the overhead: step
 time / time inside model passes (forwards of every role + backwards), target <= 1.10.
 
@@ -122,10 +122,10 @@ def _split(kind: str, total: float, sec: dict[str, float], calls: dict[str, int]
 
 def bench_step(args: argparse.Namespace, ctx) -> dict[str, Any]:
     """Build the tiny run, warm up, then time ``args.reps`` generator and fake steps of ``args.phase``."""
-    from megatron_adapters.backend import MegatronWanBackend
-    from pdmd.config import load_config
-    from pdmd.method import PhaseTrainer
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
+    from pdmd.core.config import load_config
+    from pdmd.core.method import PhaseTrainer
     from pdmd.train import student_experts
 
     tmp = tempfile.TemporaryDirectory(prefix="pdmd-bench-step-")
@@ -133,7 +133,7 @@ def bench_step(args: argparse.Namespace, ctx) -> dict[str, Any]:
     teacher = write_tiny_wan22_teacher(root / "teacher")
     cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml",
                       [f"model.teacher.path={teacher}", "data.shards=unused", "wandb.mode=disabled", *args.set])
-    backend = MegatronWanBackend(cfg, ctx)
+    backend = MegatronBackend(cfg, ctx)
     plan = cfg.phase_plan()
     experts = student_experts(cfg, backend)
     earlier = {}
@@ -144,7 +144,7 @@ def bench_step(args: argparse.Namespace, ctx) -> dict[str, Any]:
     backend.setup_phase(args.phase, experts[args.phase - 1], earlier, plan.renoise_interval(args.phase))
     trainer = PhaseTrainer(backend, plan, args.phase, cfg.method, cfg.train.latent_shape, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed)
-    b, width = cfg.train.micro_batch_size * cfg.train.num_micro_batches, backend.wan[0].text_dim
+    b, width = cfg.train.micro_batch_size * cfg.train.num_micro_batches, backend.configs[0].text_dim
     text = torch.randn(b, cfg.data.get("max_length", 32), width, generator=g).to(backend.device)
     negative = torch.randn(1, cfg.data.get("max_length", 32), width, generator=g).to(backend.device).expand_as(text)
 
@@ -188,7 +188,7 @@ def bench_step(args: argparse.Namespace, ctx) -> dict[str, Any]:
     lap = {k: statistics.median(d[k] for d in laps) * 1e3 for k in laps[0]} if laps else {}
     tokens = backend.tokens
     notes.append(f"config: configs/tiny_wan22.yaml{' + ' + ' '.join(args.set) if args.set else ''}: 2 layers, "
-                 f"hidden {backend.wan[0].hidden_size}, micro-batch {b}, {tokens} tokens + {text.shape[1]} text tokens, "
+                 f"hidden {backend.configs[0].hidden_size}, micro-batch {b}, {tokens} tokens + {text.shape[1]} text tokens, "
                  f"{cfg.model.dtype} on {backend.device.type}; phase {args.phase} (rollout steps "
                  f"{list(plan.steps_in_phase(args.phase))}, SGTS {cfg.method.sgts}, CFG {cfg.method.cfg_scale:g}, "
                  f"LoRA student {cfg.student.lora is not None})")

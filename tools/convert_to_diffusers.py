@@ -12,12 +12,12 @@ Exit codes: 0 done (and --verify passed), 1 --verify failed, 2 the run cannot be
 
 import sys
 
-from pdmd.export import main
+from pdmd.export.convert import main
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
     finally:
-        from megatron_adapters.parallel import shutdown
+        from megatron_adapters.runtime.parallel import shutdown
 
         shutdown()

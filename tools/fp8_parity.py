@@ -8,7 +8,7 @@ seed, phase, step and data-parallel rank), so every difference is FP8's. Per ste
 generator loss, the student's gradient norm, the fake loss and the fake's gradient norm; the check
 passes when every relative difference is within ``--rtol`` (default 5%: FP8's e4m3 has a 3-bit
 mantissa, so single GEMMs differ by ~2-6%, and a loss over many GEMMs by less). The report, keyed by the
-config without its FP8 section (pdmd.config.parity_key), is what ``model.fp8.parity_report`` must name
+config without its FP8 section (pdmd.core.config.parity_key), is what ``model.fp8.parity_report`` must name
 before ``model.fp8.roles`` may contain student or fake. Needs CUDA and Transformer Engine; elsewhere it
 says why and exits 2.
 """
@@ -32,7 +32,7 @@ def run_steps(cfg, steps: int) -> list[dict[str, float]]:
     """``steps`` fake + generator steps of phase 1 from a fresh backend; the scalars of each step."""
     from data.loader import PromptDataConfig, PromptLoader
     from megatron_adapters.backend import MegatronBackend
-    from pdmd.method import PhaseTrainer
+    from pdmd.core.method import PhaseTrainer
     from pdmd.train import student_experts
 
     def batch_text(backend, batch):  # as pdmd/train.py: the backend decides what travels with the embeddings
@@ -77,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = [*args.overrides, *extra]  # key=value overrides may come after the options
 
-    from megatron_adapters.wan.specs import te_available
-    from pdmd.config import ConfigError, FP8Config, load_config, parity_key
+    from megatron_adapters.layers.specs import te_available
+    from pdmd.core.config import ConfigError, FP8Config, load_config, parity_key
 
     ok, why = te_available()
     if not ok:

@@ -3,7 +3,7 @@
 
 import argparse
 
-from pdmd.tiny_models import write_tiny_qwen_image_teacher, write_tiny_wan22_teacher
+from pdmd.bench.tiny_models import write_tiny_qwen_image_teacher, write_tiny_wan22_teacher
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)

@@ -24,10 +24,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pdmd import mixture_bench as mb  # noqa: E402
-from pdmd.exact_teacher import ExactTeacher  # noqa: E402
-from pdmd.mixture import MixtureTask, evaluate  # noqa: E402
-from pdmd.schedule import few_step_timesteps  # noqa: E402
+from pdmd.bench import toy as mb  # noqa: E402
+from pdmd.bench.exact_teacher import ExactTeacher  # noqa: E402
+from pdmd.bench.mixture import MixtureTask, evaluate  # noqa: E402
+from pdmd.core.schedule import few_step_timesteps  # noqa: E402
 
 
 def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Path]:
@@ -53,7 +53,7 @@ def cmd_teacher(args) -> None:
     """Fit a teacher network by regression on the exact velocity; score its 4-step and converged samples."""
     from data.tiny_encoders import UMT5_DIM
     from megatron_adapters.flow_teacher import FlowTeacherConfig, train_flow_teacher
-    from pdmd.tiny_models import write_tiny_wan22_teacher
+    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 
     s, task, embeds, _, _ = _setup(args)
     heads, head_dim, ffn = (int(v) for v in args.network.split("x"))
@@ -83,7 +83,7 @@ def _install_oracle_fake(task: MixtureTask, exact_file: Path, n_fit: int = 1024)
     mode: mean and one scale of the true per-dimension profile) to fresh samples of the current generator,
     refit before every generator update. A fake with no lag and no network error."""
     from megatron_adapters.backend import MegatronBackend
-    from pdmd.method import PhaseTrainer
+    from pdmd.core.method import PhaseTrainer
 
     lookup, state = ExactTeacher.load(exact_file), {"q": None}
     velocity, generator_step = MegatronBackend.velocity, PhaseTrainer.generator_step
@@ -118,9 +118,9 @@ def _install_oracle_fake(task: MixtureTask, exact_file: Path, n_fit: int = 1024)
 
 def cmd_distill(args) -> None:
     """One Phased DMD run (the bench's recipe and overrides, plus yours) from a given teacher network."""
-    from pdmd.config import load_config
-    from pdmd.export import export
-    from pdmd.sample import ExportedExperts
+    from pdmd.core.config import load_config
+    from pdmd.export.convert import export
+    from pdmd.export.pipelines import ExportedExperts
     from pdmd.train import train
 
     s, task, embeds, shards, exact = _setup(args)
@@ -151,7 +151,7 @@ def _euler(velocity, x, grid):
 
 def cmd_phases(args) -> None:
     """Each phase's expert before or after the exact flow (fine uniform Euler steps) and the teacher's steps."""
-    from pdmd.sample import ExportedExperts
+    from pdmd.export.pipelines import ExportedExperts
 
     s, task, embeds, _, _ = _setup(args)
     experts = ExportedExperts(args.export)
@@ -187,7 +187,7 @@ def cmd_phases(args) -> None:
 def cmd_shape(args) -> None:
     """Where a student's extra spread lies: per mode, the eigenvalues of the whitened sample covariance and
     the share of its variance along the directions to the prompt's other modes (3 of 64 dimensions)."""
-    from pdmd.sample import ExportedExperts
+    from pdmd.export.pipelines import ExportedExperts
 
     s, task, embeds, _, _ = _setup(args)
     experts = ExportedExperts(args.export)

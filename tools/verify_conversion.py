@@ -23,7 +23,7 @@ def main() -> int:
     try:
         return verify.run(args)
     finally:
-        from megatron_adapters.parallel import shutdown
+        from megatron_adapters.runtime.parallel import shutdown
 
         shutdown()
 

@@ -67,8 +67,6 @@ def run_config(run: FinishedRun, *, tp: int = 1, pp: int = 1, cp: int = 1, sp: b
         raise ExportError(f"the config saved in {run.path}/manifest.json does not load here: {exc}") from exc
 
 
-
-
 class RunExperts:
     """The run's phase experts as Megatron models (this rank's part), loaded on demand."""
 

@@ -221,8 +221,6 @@ def _ours(ctx, case, folder: Path, cfg, inp, dtype, backward: bool):
     return out, xgrad
 
 
-
-
 def run(args: argparse.Namespace) -> int:
     # lazy: Megatron loads in seconds; --help stays fast
     from megatron_adapters.runtime.parallel import (

@@ -239,10 +239,6 @@ def _peak_memory_gb() -> float:
     return psutil.Process().memory_info().rss / 2**30
 
 
-
-
-
-
 def build_backend(cfg: RunConfig, ctx=None):
     """The trainer's Megatron backend for ``cfg``; ``model.teacher.exact`` (the toy benchmark's closed-form
     teacher) becomes its real score."""
@@ -251,7 +247,6 @@ def build_backend(cfg: RunConfig, ctx=None):
 
     real_score = None
     if cfg.model.teacher.exact is not None:
-
         from pdmd.bench.exact_teacher import ExactTeacher  # lazy: only the toy benchmark's recipe sets it
 
         real_score = ExactTeacher.load(cfg.model.teacher.exact).velocity

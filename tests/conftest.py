@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------ helpers
 
 
-
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The environment of a command a test runs (``pdmd train``, tools): one torch thread, this checkout
     importable, W&B offline."""

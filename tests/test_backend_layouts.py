@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import ROOT, rel_err
+from pdmd.core.tensors import rel_err
+from tests.conftest import ROOT
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from pdmd.core.schedule import PhasePlan, few_step_timesteps
+from pdmd.core.tensors import rel_err
 from pdmd.export.layout import (
     ExportError,
     check_scheduler,
@@ -28,7 +29,6 @@ from pdmd.export.layout import (
     route,
     scheduler_schedule,
 )
-from tests.conftest import rel_err
 
 WAN = PhasePlan.from_steps(4, 5.0, [2, 2])
 

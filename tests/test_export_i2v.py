@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from pdmd.core.sampler import euler_sample
 from pdmd.core.schedule import PhasePlan
+from pdmd.core.tensors import rel_err
 from pdmd.export.layout import (
     ExportError,
     PhaseInfo,
@@ -28,7 +29,6 @@ from pdmd.export.layout import (
 )
 from pdmd.export.pipelines import DiffusersExperts, ExportedExperts
 from pdmd.sample import encode_image
-from tests.conftest import rel_err
 from tests.tiny_run import IMAGE_RUN_PIXELS, write_image_pipeline, write_test_image
 
 PLANS = {"i2v": PhasePlan.from_steps(4, 5.0, [2, 2]), "ti2v": PhasePlan.from_steps(4, 5.0, [4])}
@@ -256,6 +256,7 @@ def test_verify_pipeline_side_matches_our_sampler(parts, exports, kind):
     """What --verify compares: the pipeline fed the seeded test image vs our sampler on its ConditionEncoder
     latents (here over the exported transformers; the run's Megatron experts once the trainer conditions)."""
     from pdmd.export.convert import exported_latents, verify_condition, verify_vae
+    from pdmd.export.layout import ExportOptions
     from pdmd.export.pipelines import initial_noise
 
     out, run = exports[kind]
@@ -263,8 +264,8 @@ def test_verify_pipeline_side_matches_our_sampler(parts, exports, kind):
     image, cond, vae = verify_condition(kind, verify_vae(run, None), shape, 2)
     assert image.size == (WIDTH, HEIGHT) and cond.kind == kind
     x, text = initial_noise(shape, 0), torch.randn(1, 16, 24, generator=torch.Generator().manual_seed(1))
-    args = argparse.Namespace(lora_only=False, base_pipeline=None)
-    theirs = exported_latents(run, out, args, "fp32", x, text, image=image, cond=cond, vae=vae)
+    opts = ExportOptions(run=run.path, out=out)
+    theirs = exported_latents(run, out, opts, "fp32", x, text, image=image, cond=cond, vae=vae)
     ours = euler_sample(ExportedExperts(out).velocity, run.plan, x, text, cond=cond)
     assert rel_err(theirs, ours) < 1e-5
 

@@ -10,8 +10,8 @@ import zlib
 import pytest
 import torch
 
+from pdmd.core.tensors import rel_err
 from tests import tiny_qwen, tiny_wan
-from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank

@@ -6,13 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdmd.core.tensors import rel_err
 from tests import megatron_blocks as mb
-from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
 RTOL = 1e-5
-
 
 
 def _init(**layout):

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdmd.core.tensors import rel_err
 from tests import tiny_qwen
-from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -25,7 +25,6 @@ LAYOUTS = {  # name: (world size, layout kwargs)
     "pp2_cp2": (4, {"pp": 2, "cp": 2}),
 }
 NORMS = ("q_layernorm.weight", "k_layernorm.weight")
-
 
 
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, extra_checks):

@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 
 from pdmd.core.sampler import euler_sample
 from pdmd.core.schedule import PhasePlan
+from pdmd.core.tensors import rel_err
 from pdmd.export.pipelines import initial_noise, pad_embeds
 from pdmd.sample import noise_shape
-from tests.conftest import rel_err
 from tests.tiny_run import PROMPTS
 
 WAN = PhasePlan.from_steps(4, 5.0, [2, 2])

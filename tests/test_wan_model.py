@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from pdmd.core.tensors import rel_err
 from tests import tiny_wan
-from tests.conftest import rel_err
 from tests.multirank import run_ranks
 
 pytestmark = pytest.mark.multirank
@@ -21,7 +21,6 @@ LAYOUTS = {  # name: (world size, layout kwargs, token grid)
     "cp2": (2, {"cp": 2}, "even"),
     "tp2_cp2_sp": (4, {"tp": 2, "cp": 2, "sequence_parallel": True}, "even"),
 }
-
 
 
 def _run_layout(rank, world_size, layout, cases, ckpt_dir, save):

@@ -192,8 +192,6 @@ def alternate(fns: dict[str, Callable[[], Any]], reps: int, device: torch.device
     return times
 
 
-
-
 # -- entry: block -----------------------------------------------------------------------------------
 def _block_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hidden", type=int, default=512, help="model width (heads x head dim)")

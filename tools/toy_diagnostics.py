@@ -120,6 +120,7 @@ def cmd_distill(args) -> None:
     """One Phased DMD run (the bench's recipe and overrides, plus yours) from a given teacher network."""
     from pdmd.core.config import load_config
     from pdmd.export.convert import export
+    from pdmd.export.layout import ExportOptions
     from pdmd.export.pipelines import ExportedExperts
     from pdmd.train import train
 
@@ -135,8 +136,7 @@ def cmd_distill(args) -> None:
     if train(cfg, str(run_dir)):
         raise SystemExit(f"pdmd train failed; see {run_dir}")
     if not (exported / "pdmd_export.json").is_file():
-        export(argparse.Namespace(run=str(run_dir), out=str(exported), base_pipeline=None, lora_only=False, dtype=None,
-                                  teacher=None, tp=1, pp=1, verify=False, seed=0, no_hash_check=False))
+        export(ExportOptions(run=run_dir, out=exported))
     experts = ExportedExperts(exported)
     x, idx, _ = mb.draw(experts.velocity, experts.plan, embeds, s, args.seed)
     _record(args, args.name, evaluate(task, x, idx), seed=args.seed, real=args.real, overrides=args.overrides,

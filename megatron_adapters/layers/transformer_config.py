@@ -13,7 +13,6 @@ def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-
 def dit_transformer_config(cfg: Any, parallel_kwargs: dict[str, Any], *, params_dtype: torch.dtype = torch.float32,
                        **overrides: Any):
     """Megatron TransformerConfig of a DiT block stack (Wan, Qwen-Image): ``cfg`` names num_layers, hidden_size,

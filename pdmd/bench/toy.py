@@ -40,7 +40,7 @@ from pdmd.core.config import load_config
 from pdmd.core.sampler import euler_sample
 from pdmd.core.schedule import PhasePlan, few_step_timesteps
 from pdmd.export.convert import export
-from pdmd.export.layout import EXPORT_INFO
+from pdmd.export.layout import EXPORT_INFO, ExportOptions
 from pdmd.export.pipelines import ExportedExperts, pad_embeds
 from pdmd.train import train
 
@@ -269,7 +269,6 @@ def prepare_teacher(out: Path, task: MixtureTask, embeds: torch.Tensor, s: Bench
 def distill(out: Path, m: Method, s: BenchSettings, teacher: Path, shards: Path, seed: int, exact: Path,
             progress: bool = False) -> Path:
     """One method through `pdmd train` (resumes or skips a finished run) and the real exporter."""
-    import argparse
 
 
     cfg = load_config(recipe(s, teacher, shards, seed, exact if m.teacher == "exact" else None, progress),
@@ -281,8 +280,7 @@ def distill(out: Path, m: Method, s: BenchSettings, teacher: Path, shards: Path,
         raise RuntimeError(f"{m.name} (seed {seed}): pdmd train exited {code}; see {run_dir}")
     exported = out / "exports" / name
     if not (exported / EXPORT_INFO).is_file():
-        export(argparse.Namespace(run=str(run_dir), out=str(exported), base_pipeline=None, lora_only=False,
-                                  dtype=None, teacher=None, tp=1, pp=1, verify=False, seed=0, no_hash_check=False))
+        export(ExportOptions(run=run_dir, out=exported))
     return run_dir
 
 

@@ -40,6 +40,7 @@ from pdmd.export.files import (
 from pdmd.export.layout import (
     EXPORT_INFO,
     ExportError,
+    ExportOptions,
     RunInfo,
     check_conditioning,
     check_scheduler,
@@ -75,32 +76,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hash-check", action="store_true", help="skip re-hashing the expert checkpoints")
 
 
-
-
-
-
 def _check_out(out: Path) -> None:
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
         raise ExportError(f"--out {out} exists and is not an earlier export: choose a new or empty folder")
 
 
-def export(args: argparse.Namespace) -> tuple[float, float] | None:
+def export(opts: ExportOptions) -> tuple[float, float] | None:
     """Write the export; with --verify returns (relative error, tolerance) on rank 0, else None."""
-    run = read_run(args.run, args.teacher, check_hashes=not args.no_hash_check, kinds=("wan", "qwen-image"))
+    run = read_run(opts.run, opts.teacher, check_hashes=opts.hash_check, kinds=("wan", "qwen-image"))
     if run.config["model"]["kind"] == "qwen-image":  # a QwenImagePipeline folder: pdmd/export/qwen_image.py
-
-        return export_qwen(args, run)
-    out, k_count = Path(args.out), run.plan.num_phases
-    dtype_name = args.dtype or run.config["model"]["dtype"]
+        return export_qwen(opts, run)
+    out, k_count = opts.out, run.plan.num_phases
+    dtype_name = opts.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)
-    base = Path(args.base_pipeline) if args.base_pipeline else None
+    base = opts.base_pipeline
     _check_out(out)
     for p in run.phases:
         check_conditioning(run.conditioning, read_json(run.expert_folder(p.student_expert) / "config.json") or {},
                            f"phase {p.index} (teacher {run.expert_folder(p.student_expert)})")
-    if args.verify and run.conditioning is not None:
+    if opts.verify and run.conditioning is not None:
         verify_vae(run, base)  # before any work: the check encodes an image
-    if args.lora_only and run.lora is None:
+    if opts.lora_only and run.lora is None:
         raise ExportError("--lora-only: this run's students trained all parameters (student.lora is null), so there "
                           "are no adapters; export the merged pipeline instead (without --lora-only)")
     scheduler = flow_match_scheduler_config(run.plan.timesteps)
@@ -109,11 +105,11 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
     # lazy: Megatron loads in seconds; --help stays fast
     from megatron_adapters.experts import RunExperts
 
-    experts = RunExperts(run, tp=args.tp, pp=args.pp)
+    experts = RunExperts(run, tp=opts.tp, pp=opts.pp)
     folders = phase_folders(k_count)
     for p in run.phases:
         origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
-        if args.lora_only:
+        if opts.lora_only:
             state = experts.lora_diffusers(p.index)
             if is_rank0():
                 write_lora(out / lora_file(p.index), state, dtype, origin)
@@ -122,20 +118,20 @@ def export(args: argparse.Namespace) -> tuple[float, float] | None:
             if is_rank0():
                 check_against_teacher(state, run.expert_folder(p.student_expert), f"phase {p.index}")
                 write_transformer(out / folders[p.index], state, run.expert_folder(p.student_expert), dtype)
-            if not args.verify:
+            if not opts.verify:
                 experts.backend.experts.pop(p.index, None)  # a 14B expert is freed before the next one loads
         del state
         if is_rank0():
             print(f"convert_to_diffusers: phase {p.index} -> "
-                  f"{out / (lora_file(p.index) if args.lora_only else folders[p.index])}", flush=True)
+                  f"{out / (lora_file(p.index) if opts.lora_only else folders[p.index])}", flush=True)
     if is_rank0():
-        info = write_pipeline_files(run, out, scheduler, ratio, base, lora_only=args.lora_only, dtype_name=dtype_name)
+        info = write_pipeline_files(run, out, scheduler, ratio, base, lora_only=opts.lora_only, dtype_name=dtype_name)
         print(f"convert_to_diffusers: wrote {out} ({info['kind']}; timesteps {[round(t * 1000, 3) for t in run.plan.timesteps]}"
               f", boundary_ratio {ratio})", flush=True)
     barrier()
-    if not args.verify:
+    if not opts.verify:
         return None
-    return verify(run, out, experts, args, dtype_name)
+    return verify(run, out, experts, opts, dtype_name)
 
 
 def write_pipeline_files(run: RunInfo, out: Path, scheduler: dict, ratio: float | None, base: Path | None, *,
@@ -189,7 +185,7 @@ def verify_condition(kind: str, vae_dir: Path, shape: tuple[int, ...], seed: int
     return image, Conditioning.from_batch({k: v[None] for k, v in stored.items()}), vae
 
 
-def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_name: str) -> tuple[float, float] | None:
+def verify(run: RunInfo, out: Path, experts, opts: ExportOptions, dtype_name: str) -> tuple[float, float] | None:
     """Our sampler (Megatron experts) vs the export loaded by diffusers, same noise and prompt embeddings
     (and, image-conditioned, the same seeded test image: ours encoded by ConditionEncoder, theirs by the pipeline)."""
     import json
@@ -197,17 +193,17 @@ def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_nam
 
     shape = (1, *run.config["train"]["latent_shape"])
     text_dim = json.loads((run.expert_folder(0) / "config.json").read_text()).get("text_dim", 4096)
-    x = initial_noise(shape, args.seed)
-    text = torch.randn(1, 16, text_dim, generator=torch.Generator().manual_seed(args.seed + 1))
+    x = initial_noise(shape, opts.seed)
+    text = torch.randn(1, 16, text_dim, generator=torch.Generator().manual_seed(opts.seed + 1))
     image = cond = vae = None
     if run.conditioning is not None:
-        base = Path(args.base_pipeline) if args.base_pipeline else None
-        image, cond, vae = verify_condition(run.conditioning, verify_vae(run, base), shape, args.seed + 2)
+        base = opts.base_pipeline
+        image, cond, vae = verify_condition(run.conditioning, verify_vae(run, base), shape, opts.seed + 2)
     dev = experts.backend.device
     ours = euler_sample(experts.velocity, run.plan, x.to(dev), text.to(dev), cond=cond).cpu()
     if not is_rank0():
         return None
-    theirs = exported_latents(run, out, args, dtype_name, x, text, image=image, cond=cond, vae=vae)
+    theirs = exported_latents(run, out, opts, dtype_name, x, text, image=image, cond=cond, vae=vae)
     err = ((theirs.double() - ours.double()).norm() / ours.double().norm()).item()
     tol = VERIFY_TOL[dtype_name]
     what = f", {run.conditioning} conditioning from a test image" if run.conditioning else ""
@@ -216,7 +212,7 @@ def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_nam
     return err, tol
 
 
-def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_name: str, x: torch.Tensor,
+def exported_latents(run: RunInfo, out: Path, opts: ExportOptions, dtype_name: str, x: torch.Tensor,
                      text: torch.Tensor, *, image=None, cond=None, vae=None) -> torch.Tensor:
     """The export's own answer: WanPipeline / WanImageToVideoPipeline.from_pretrained (or base +
     load_lora_weights) called with the noise, embeddings (and image), else our sampler over the exported
@@ -226,14 +222,14 @@ def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_na
 
     dtype = parse_dtype(dtype_name)
     k_count = run.plan.num_phases
-    if not args.lora_only and not is_wan_pipeline(k_count):
+    if not opts.lora_only and not is_wan_pipeline(k_count):
         exported = ExportedExperts(out, dtype_name)
         return euler_sample(exported.velocity, exported.plan, x, text, cond=cond)
     conditioned = run.conditioning is not None
     cls = WanImageToVideoPipeline if conditioned else WanPipeline
     # the pipeline encodes the image with an fp32 VAE (as Wan is run), whatever the transformers' dtype
     parts = {"text_encoder": None, "tokenizer": None, "vae": vae if conditioned else None}
-    if args.lora_only:
+    if opts.lora_only:
         folders = phase_folders(k_count)
         wrong = [p for p in run.phases if not is_wan_pipeline(k_count) or run.subfolders[p.student_expert] != folders[p.index]]
         if wrong:
@@ -241,7 +237,7 @@ def exported_latents(run: RunInfo, out: Path, args: argparse.Namespace, dtype_na
             raise ExportError(f"phase {p.index}'s adapters apply to the teacher's {run.subfolders[p.student_expert]}, "
                               "which WanPipeline does not run for that phase: load them with our sampler, or export "
                               "the merged pipeline (without --lora-only)")
-        base = Path(args.base_pipeline) if args.base_pipeline else run.teacher
+        base = Path(opts.base_pipeline) if opts.base_pipeline else run.teacher
         if conditioned:
             parts.update(expand_timesteps=run.conditioning == "ti2v", image_encoder=None, image_processor=None)
         pipe = cls.from_pretrained(base, **parts, **dtype_kwarg(dtype),
@@ -266,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        result = export(args)
+        result = export(ExportOptions.from_args(args))
     except ExportError as exc:
         print(f"convert_to_diffusers: {exc}", file=sys.stderr)
         return 2

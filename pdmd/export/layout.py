@@ -13,6 +13,7 @@ of a quadratic) and shift_terminal = our last timestep makes the composition equ
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from collections.abc import Sequence
@@ -35,6 +36,30 @@ MASK_CHANNELS = 4  # I2V's mask channels: the 4 pixel frames a latent frame stan
 
 
 # --- the run -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportOptions:
+    """What to export and how: tools/convert_to_diffusers.py's options (``from_args``), or set in code."""
+
+    run: Path
+    out: Path
+    base_pipeline: Path | None = None  # where text_encoder/, tokenizer/, vae/ come from (default: the teacher's)
+    lora_only: bool = False
+    dtype: str | None = None  # fp32 / bf16; None: the run's model.dtype
+    teacher: Path | None = None  # the run's teacher folder, if it moved since training
+    tp: int = 1
+    pp: int = 1
+    verify: bool = False
+    seed: int = 0  # --verify's noise and prompt-embedding seed
+    hash_check: bool = True
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ExportOptions:
+        path = lambda v: None if v is None else Path(v)  # noqa: E731
+        return cls(run=Path(args.run), out=Path(args.out), base_pipeline=path(args.base_pipeline),
+                   lora_only=args.lora_only, dtype=args.dtype, teacher=path(args.teacher), tp=args.tp, pp=args.pp,
+                   verify=args.verify, seed=args.seed, hash_check=not args.no_hash_check)
+
+
 @dataclass(frozen=True)
 class PhaseInfo:
     index: int

@@ -18,7 +18,6 @@ only when the run's experts are read.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -46,6 +45,7 @@ from pdmd.export.layout import (
     SCHEDULE_TOL,
     SCHEDULER_CLASS,
     ExportError,
+    ExportOptions,
     RunInfo,
     infer_shift,
     read_json,
@@ -174,16 +174,14 @@ def model_index(base_index: dict[str, Any] | None, present: Sequence[str], phase
 # --- the export ------------------------------------------------------------------------------------
 
 
-
-
-def export_qwen(args: argparse.Namespace, run: RunInfo) -> tuple[float, float] | None:
+def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None:
     """Write the QwenImagePipeline folder; with --verify returns (relative error, tolerance) on rank 0."""
-    out, k_count = Path(args.out), run.plan.num_phases
-    if args.lora_only:
+    out, k_count = opts.out, run.plan.num_phases
+    if opts.lora_only:
         raise ExportError("--lora-only: Qwen-Image runs export as a merged QwenImagePipeline only (drop --lora-only)")
     if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
         raise ExportError(f"--out {out} exists and is not an earlier export: choose a new or empty folder")
-    dtype_name = args.dtype or run.config["model"]["dtype"]
+    dtype_name = opts.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)
     scheduler = scheduler_config(run.plan.timesteps)
     bounds = phase_boundaries(run.plan, check_scheduler(scheduler, run.plan.timesteps))
@@ -191,7 +189,7 @@ def export_qwen(args: argparse.Namespace, run: RunInfo) -> tuple[float, float] |
     # lazy: Megatron loads in seconds; --help stays fast
     from megatron_adapters.experts import RunExperts
 
-    experts = RunExperts(run, tp=args.tp, pp=args.pp)
+    experts = RunExperts(run, tp=opts.tp, pp=opts.pp)
     folder = out / "transformer"
     teacher_folder = run.expert_folder(0)
     weight_map: dict[str, str] = {}
@@ -206,21 +204,21 @@ def export_qwen(args: argparse.Namespace, run: RunInfo) -> tuple[float, float] |
             else:
                 weight_map.update(write_phase_weights(folder, p.index, state, dtype))
             print(f"convert_to_diffusers: phase {p.index} -> {folder}", flush=True)
-        if not args.verify:
+        if not opts.verify:
             experts.backend.experts.pop(p.index, None)  # a 20B expert is freed before the next one loads
         del state
     if is_rank0():
         if k_count > 1:
             write_router(folder, weight_map, read_json(teacher_folder / "config.json") or {}, bounds)
         write_scheduler(out, scheduler)
-        base = Path(args.base_pipeline) if args.base_pipeline else run.teacher
+        base = Path(opts.base_pipeline) if opts.base_pipeline else run.teacher
         present = copy_components({k: v for k, v in base_components(base).items() if k in DEFAULT_COMPONENTS}, out)
         write_json(out / "model_index.json", model_index(read_json(base / "model_index.json"), present, k_count > 1))
         write_json(out / EXPORT_INFO, export_info(run, scheduler, bounds, present, dtype_name))
         print(f"convert_to_diffusers: wrote {out} ({PIPELINE_CLASS}, {k_count} phase(s); timesteps "
               f"{[round(t * 1000, 3) for t in run.plan.timesteps]}, phase boundaries {bounds})", flush=True)
     barrier()
-    return verify(run, out, experts, args, dtype_name) if args.verify else None
+    return verify(run, out, experts, opts, dtype_name) if opts.verify else None
 
 
 def export_info(run: RunInfo, scheduler: dict[str, Any], bounds: list[float], present: Sequence[str],
@@ -264,13 +262,13 @@ def pipeline_latents(out: Path, x: torch.Tensor, embeds: torch.Tensor, mask: tor
     return unpack_latents(result.float(), h, w)
 
 
-def verify(run: RunInfo, out: Path, experts, args: argparse.Namespace, dtype_name: str) -> tuple[float, float] | None:
+def verify(run: RunInfo, out: Path, experts, opts: ExportOptions, dtype_name: str) -> tuple[float, float] | None:
     """Our sampler (the run's Megatron experts) vs the export in QwenImagePipeline: same noise, same prompt."""
 
     shape = (1, *run.config["train"]["latent_shape"])
     text_dim = int((read_json(run.expert_folder(0) / "config.json") or {}).get("joint_attention_dim", 3584))
-    x = initial_noise(shape, args.seed)  # = the pipeline's own draw of [1, 1, C, H, W] from this seed
-    embeds, mask = verify_prompt(text_dim, args.seed + 1)
+    x = initial_noise(shape, opts.seed)  # = the pipeline's own draw of [1, 1, C, H, W] from this seed
+    embeds, mask = verify_prompt(text_dim, opts.seed + 1)
     dev = experts.backend.device
     ours = euler_sample(experts.velocity, run.plan, x.to(dev), pack_text(embeds, mask).to(dev)).cpu()
     if not is_rank0():

@@ -118,8 +118,6 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> dict[str, float]:
     return out
 
 
-
-
 def _ms(seconds: float) -> str:
     ms = seconds * 1e3
     return f"{ms:.0f}" if ms >= 100 else f"{ms:.1f}" if ms >= 10 else f"{ms:.2f}"

@@ -274,9 +274,9 @@ def _block_inputs(args: argparse.Namespace, device: torch.device, dtype: torch.d
 def _grads_in_our_layout(ours: torch.nn.Module, grads: dict[str, torch.Tensor], cfg: Any) -> dict[str, torch.Tensor]:
     """diffusers' parameter gradients converted to our parameter names and (fused) layouts."""
     from megatron_adapters.conversion import TensorReader, megatron_shard
-    from megatron_adapters.families.wan.convert import model_layout, wan_rules
+    from megatron_adapters.families.wan.convert import wan_rules
 
-    return megatron_shard(TensorReader(grads), wan_rules(cfg), model_layout(ours), dict(ours.named_parameters()))
+    return megatron_shard(TensorReader(grads), wan_rules(cfg), ours.conversion_layout(), dict(ours.named_parameters()))
 
 
 def _block_flops(args: argparse.Namespace, tokens: int) -> dict[str, float]:

@@ -155,7 +155,7 @@ def write_router(folder: Path, weight_map: dict[str, str], teacher_config: dict[
     total = sum(f.stat().st_size for f in {folder / name for name in weight_map.values()})
     write_json(folder / (WEIGHTS.format(suffix="") + ".index.json"),
                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))})
-    shutil.copyfile(Path(__file__).with_name("qwen_phased.py"), folder / f"{ROUTER_MODULE}.py")
+    shutil.copyfile(Path(__file__).with_name("qwen_router.py"), folder / f"{ROUTER_MODULE}.py")
 
 
 def model_index(base_index: dict[str, Any] | None, present: Sequence[str], phased: bool) -> dict[str, Any]:

@@ -5,28 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from megatron_adapters.conversion import (
-    ConversionError,
-    Layout,
     Rule,
     SafetensorsReader,
     TensorReader,
-    check_and_load,
-    megatron_shard,
-    unused_diffusers_keys,
+    linear_rules,
+    load_stage_from_diffusers,
+    same_rules,
 )
 from megatron_adapters.families.wan.config import WanConfig
 
 # diffusers itself ignores these when loading Wan checkpoints.
 IGNORED_DIFFUSERS_KEYS = ("norm_added_q",)
-
-
-def _linear(mkey: str, dkey: str, kind: str) -> list[Rule]:
-    bias_kind = "replicated" if kind == "row" else kind
-    return [Rule(f"{mkey}.weight", (f"{dkey}.weight",), kind), Rule(f"{mkey}.bias", (f"{dkey}.bias",), bias_kind)]
-
-
-def _same(*keys: str) -> list[Rule]:
-    return [Rule(k, (k,), "replicated") for k in keys]
 
 
 def wan_rules(cfg: WanConfig) -> list[Rule]:
@@ -36,29 +25,29 @@ def wan_rules(cfg: WanConfig) -> list[Rule]:
     rules = [
         Rule(f"{b}.self_attention.linear_qkv.weight", tuple(f"{a1}.to_{x}.weight" for x in "qkv"), "fused", hd),
         Rule(f"{b}.self_attention.linear_qkv.bias", tuple(f"{a1}.to_{x}.bias" for x in "qkv"), "fused", hd),
-        *_linear(f"{b}.self_attention.linear_proj", f"{a1}.to_out.0", "row"),
+        *linear_rules(f"{b}.self_attention.linear_proj", f"{a1}.to_out.0", "row"),
         Rule(f"{b}.self_attention.q_norm.weight", (f"{a1}.norm_q.weight",), "column"),
         Rule(f"{b}.self_attention.k_norm.weight", (f"{a1}.norm_k.weight",), "column"),
-        *_linear(f"{b}.cross_attention.linear_q", f"{a2}.to_q", "column"),
+        *linear_rules(f"{b}.cross_attention.linear_q", f"{a2}.to_q", "column"),
         Rule(f"{b}.cross_attention.linear_kv.weight", (f"{a2}.to_k.weight", f"{a2}.to_v.weight"), "fused", hd),
         Rule(f"{b}.cross_attention.linear_kv.bias", (f"{a2}.to_k.bias", f"{a2}.to_v.bias"), "fused", hd),
-        *_linear(f"{b}.cross_attention.linear_proj", f"{a2}.to_out.0", "row"),
+        *linear_rules(f"{b}.cross_attention.linear_proj", f"{a2}.to_out.0", "row"),
         Rule(f"{b}.cross_attention.q_norm.weight", (f"{a2}.norm_q.weight",), "column"),
         Rule(f"{b}.cross_attention.k_norm.weight", (f"{a2}.norm_k.weight",), "column"),
-        *_linear(f"{b}.mlp.linear_fc1", f"{b}.ffn.net.0.proj", "column"),
-        *_linear(f"{b}.mlp.linear_fc2", f"{b}.ffn.net.2", "row"),
-        *_same(f"{b}.scale_shift_table"),
-        *_linear("patch_embedding", "patch_embedding", "replicated"),
-        *_linear("condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_1", "replicated"),
-        *_linear("condition_embedder.time_embedder.linear_2", "condition_embedder.time_embedder.linear_2", "replicated"),
-        *_linear("condition_embedder.time_proj", "condition_embedder.time_proj", "replicated"),
-        *_linear("condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_1", "replicated"),
-        *_linear("condition_embedder.text_embedder.linear_2", "condition_embedder.text_embedder.linear_2", "replicated"),
-        *_linear("proj_out", "proj_out", "replicated"),
-        *_same("scale_shift_table"),
+        *linear_rules(f"{b}.mlp.linear_fc1", f"{b}.ffn.net.0.proj", "column"),
+        *linear_rules(f"{b}.mlp.linear_fc2", f"{b}.ffn.net.2", "row"),
+        *same_rules(f"{b}.scale_shift_table"),
+        *linear_rules("patch_embedding", "patch_embedding", "replicated"),
+        *linear_rules("condition_embedder.time_embedder.linear_1", "condition_embedder.time_embedder.linear_1", "replicated"),
+        *linear_rules("condition_embedder.time_embedder.linear_2", "condition_embedder.time_embedder.linear_2", "replicated"),
+        *linear_rules("condition_embedder.time_proj", "condition_embedder.time_proj", "replicated"),
+        *linear_rules("condition_embedder.text_embedder.linear_1", "condition_embedder.text_embedder.linear_1", "replicated"),
+        *linear_rules("condition_embedder.text_embedder.linear_2", "condition_embedder.text_embedder.linear_2", "replicated"),
+        *linear_rules("proj_out", "proj_out", "replicated"),
+        *same_rules("scale_shift_table"),
     ]
     if cfg.cross_attn_norm:
-        rules += _same(f"{b}.norm2.weight", f"{b}.norm2.bias")
+        rules += same_rules(f"{b}.norm2.weight", f"{b}.norm2.bias")
     if cfg.added_kv_proj_dim is not None:
         rules += [
             Rule(f"{b}.cross_attention.linear_added_kv.weight",
@@ -69,26 +58,12 @@ def wan_rules(cfg: WanConfig) -> list[Rule]:
         ]
     if cfg.image_dim is not None:
         ie = "condition_embedder.image_embedder"
-        rules += _same(f"{ie}.norm1.weight", f"{ie}.norm1.bias", f"{ie}.norm2.weight", f"{ie}.norm2.bias")
-        rules += _linear(f"{ie}.ff.net.0.proj", f"{ie}.ff.net.0.proj", "replicated")
-        rules += _linear(f"{ie}.ff.net.2", f"{ie}.ff.net.2", "replicated")
+        rules += same_rules(f"{ie}.norm1.weight", f"{ie}.norm1.bias", f"{ie}.norm2.weight", f"{ie}.norm2.bias")
+        rules += linear_rules(f"{ie}.ff.net.0.proj", f"{ie}.ff.net.0.proj", "replicated")
+        rules += linear_rules(f"{ie}.ff.net.2", f"{ie}.ff.net.2", "replicated")
         if cfg.pos_embed_seq_len:
-            rules += _same(f"{ie}.pos_embed")
+            rules += same_rules(f"{ie}.pos_embed")
     return rules
-
-
-def model_layout(model) -> Layout:
-    """The conversion layout of a built WanModel stage on this rank."""
-    from megatron.core import parallel_state
-
-    return Layout(
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp=parallel_state.get_tensor_model_parallel_world_size(),
-        first_block=model.layer_offset,
-        num_blocks=len(model.blocks),
-        pre_process=model.pre_process,
-        post_process=model.post_process,
-    )
 
 
 def load_from_diffusers(model, source: str | Path | TensorReader, cfg: WanConfig | None = None) -> None:
@@ -99,14 +74,5 @@ def load_from_diffusers(model, source: str | Path | TensorReader, cfg: WanConfig
     """
     cfg = cfg or model.wan
     reader = source if isinstance(source, TensorReader) else SafetensorsReader(source)
-    rules = wan_rules(cfg)
-    unknown = unused_diffusers_keys(reader, rules, cfg.num_layers, IGNORED_DIFFUSERS_KEYS)
-    if unknown:
-        raise ConversionError(
-            f"checkpoint has keys the Wan model config does not explain, e.g. {unknown[0]!r} "
-            f"({len(unknown)} in all): does config.json belong to these weights?"
-        )
-    owned = [k for k in model.state_dict() if not k.endswith("_extra_state")]
-    tensors = megatron_shard(reader, rules, model_layout(model), owned)
-    check_and_load(model, tensors, f"loading Wan weights from {source if not isinstance(source, TensorReader) else 'state dict'}")
-
+    load_stage_from_diffusers(model, reader, wan_rules(cfg), model.conversion_layout(), cfg.num_layers,
+                              what="Wan", ignore=IGNORED_DIFFUSERS_KEYS)

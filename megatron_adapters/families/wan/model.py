@@ -16,15 +16,10 @@ from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.utils import replace_prefix_for_sharding
-from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel.mappings import (
     copy_to_tensor_model_parallel_region,
-    scatter_to_sequence_parallel_region,
 )
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from torch import nn
 
 from megatron_adapters.families.wan.config import WanConfig
@@ -34,57 +29,34 @@ from megatron_adapters.families.wan.embeddings import (
     rope_angles,
     unpatchify,
 )
+from megatron_adapters.layers.stage import PipelineStage
 from megatron_adapters.runtime.comm import cp_group, gather_for_replicated_use, split_for_rank, tp_group
 from megatron_adapters.runtime.fp8 import fp8_context
 
 
-class WanModel(MegatronModule):
+class WanModel(PipelineStage):
+    pp_replicated = ("condition_embedder",)  # every stage computes the time/text embeddings itself
+
     def __init__(self, config, wan: WanConfig, layer_spec: ModuleSpec, *, pre_process: bool = True,
                  post_process: bool = True) -> None:
-        super().__init__(config)
-        # What Megatron's schedules and finalize_model_grads ask of a model.
-        self.model_type = ModelType.encoder_or_decoder
-        self.share_embeddings_and_output_weights = False
+        super().__init__(config, wan.num_layers, pre_process=pre_process, post_process=post_process)
         self.wan = wan
-        self.pre_process, self.post_process = pre_process, post_process
-        self.input_tensor: torch.Tensor | None = None
         d, dtype = wan.hidden_size, config.params_dtype
-        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        if wan.num_layers % pp_size:
-            raise ValueError(f"{wan.num_layers} Wan layers do not split over pp={pp_size} stages")
-        per_stage = wan.num_layers // pp_size
-        self.layer_offset = pp_rank * per_stage
 
         if pre_process:
             self.patch_embedding = nn.Conv3d(wan.in_channels, d, kernel_size=wan.patch_size, stride=wan.patch_size,
                                              dtype=dtype)
         self.condition_embedder = ConditionEmbedder(d, wan.freq_dim, wan.text_dim, wan.image_dim,
                                                     wan.pos_embed_seq_len).to(dtype)
-        for p in self.condition_embedder.parameters():
-            p.pipeline_parallel = pp_size > 1
+        self.tag_pipeline_replicated(self.condition_embedder)
         self.blocks = nn.ModuleList(
             build_module(layer_spec, config=config, layer_number=self.layer_offset + i + 1,
                          image_context=wan.added_kv_proj_dim is not None, cross_attn_norm=wan.cross_attn_norm)
-            for i in range(per_stage)
+            for i in range(self.layers_per_stage)
         )
         if post_process:
             self.proj_out = nn.Linear(d, wan.out_channels * wan.patch_volume, dtype=dtype)
             self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d, dtype=dtype) / d**0.5)
-
-    # -- pipeline plumbing ------------------------------------------------------------------------
-    def set_input_tensor(self, input_tensor) -> None:
-        """Called by Megatron's pipeline schedules with the previous stage's output."""
-        if isinstance(input_tensor, list):
-            (input_tensor,) = input_tensor
-        self.input_tensor = input_tensor
-
-    def _shard_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """[S, ...] replicated -> this rank's tokens: CP slice, then SP scatter."""
-        x = split_for_rank(x, 0, cp_group())
-        if self.config.sequence_parallel:
-            x = scatter_to_sequence_parallel_region(x)
-        return x
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
@@ -99,7 +71,7 @@ class WanModel(MegatronModule):
         if image_context is not None:
             image_context = image_context.transpose(0, 1)
         if proj.dim() == 4:  # per-token timesteps: [B, S, 6, D] -> this rank's tokens [s, B, 6, D]
-            block_temb = self._shard_tokens(proj.transpose(0, 1))
+            block_temb = self.shard_tokens(proj.transpose(0, 1))
         else:  # one timestep per sample: under SP each TP rank modulates different tokens
             block_temb = copy_to_tensor_model_parallel_region(proj) if self.config.sequence_parallel else proj
         cos, sin = rope_angles(grid, self.wan.attention_head_dim)
@@ -108,7 +80,7 @@ class WanModel(MegatronModule):
 
         if self.pre_process:
             x = self.patch_embedding(latents.to(self.patch_embedding.weight.dtype))
-            x = self._shard_tokens(x.flatten(2).permute(2, 0, 1).contiguous())  # [s, B, D]
+            x = self.shard_tokens(x.flatten(2).permute(2, 0, 1).contiguous())  # [s, B, D]
         else:
             x = self.input_tensor
         recompute = self.config.recompute_granularity == "full" and self.training and torch.is_grad_enabled()
@@ -146,30 +118,6 @@ class WanModel(MegatronModule):
         h = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=self.wan.eps)
         h = (h * (1 + scale) + shift).to(x.dtype)
         return self.proj_out(h)
-
-    # -- checkpointing ----------------------------------------------------------------------------
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
-        """Reshardable checkpoint: blocks under their GLOBAL index, the condition embedder (present
-        on every stage) saved once, everything replicated across TP saved once."""
-        out = {}
-        for i, block in enumerate(self.blocks):
-            local, global_ = f"{prefix}blocks.{i}.", f"{prefix}blocks.{self.layer_offset + i}."
-            block_sd = block.sharded_state_dict(prefix=local, sharded_offsets=sharded_offsets, metadata=metadata)
-            replace_prefix_for_sharding(block_sd, local, global_)
-            out.update(block_sd)
-        pp_rank = parallel_state.get_pipeline_model_parallel_rank()
-        for name, module in self.named_children():
-            if name == "blocks":
-                continue
-            sd = make_sharded_tensors_for_checkpoint(module.state_dict(prefix="", keep_vars=True),
-                                                     f"{prefix}{name}.", {}, sharded_offsets)
-            if name == "condition_embedder":  # replicated over PP stages: only stage 0 is the main copy
-                for sh in sd.values():
-                    sh.replica_id = (pp_rank, *tuple(sh.replica_id)[1:])
-            out.update(sd)
-        for name, param in self.named_parameters(recurse=False):
-            out.update(make_sharded_tensors_for_checkpoint({name: param}, prefix, {}, sharded_offsets))
-        return out
 
 
 def _call_block(block):

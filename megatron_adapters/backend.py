@@ -173,6 +173,10 @@ class MegatronBackend:
     def device(self) -> torch.device:
         return self.ctx.device
 
+    @property
+    def text_dim(self) -> int:
+        return self.family.text_dim
+
     def text_input(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The text tensor the method passes for a batch's ``text_embeds`` and ``text_mask`` (pdmd/core/packing.py):
         Wan's embeddings as they are; Qwen-Image's with the mask packed in."""
@@ -363,13 +367,31 @@ class MegatronBackend:
 
         self._run(trainable.ddp, x.to(self.dtype), t, text.to(self.dtype), wrapped, cond)
         finalize_model_grads([trainable.ddp])
-        ok, grad_norm, _ = trainable.optimizer.step()
         loss = torch.stack(losses).mean() if losses else torch.zeros((), device=self.device)
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(loss, parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
+        # A non-finite loss or gradient on ANY rank skips the update on every rank (the optimizer step is
+        # collective), so no parameter or Adam moment ever becomes non-finite.
+        bad = torch.tensor([0.0 if torch.isfinite(loss) and _grads_finite(trainable.model) else 1.0],
+                           device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            trainable.ddp.zero_grad_buffer()
+            trainable.optimizer.zero_grad()
+            return {"loss": loss.item(), "grad_norm": float("nan"), "skipped": 1.0}
+        ok, grad_norm, _ = trainable.optimizer.step()
         return {"loss": loss.item(), "grad_norm": float(grad_norm or 0.0),
                 "skipped": float(not ok)}
+
+    def params_finite(self) -> bool:
+        """Whether every trainable role's parameters and Adam moments are finite on every rank (checked before
+        a checkpoint is written: a non-finite state is never saved)."""
+        ok = all(_tensors_finite(tr.model.parameters()) and _optimizer_finite(tr.optimizer)
+                 for tr in self._all_trainables().values())
+        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not flag.item()
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _all_trainables(self) -> dict[str, Trainable]:
@@ -421,3 +443,19 @@ class MegatronBackend:
         model.load_state_dict({k[len("model."):]: v for k, v in loaded.items()}, strict=True)
         return model
 
+
+def _grads_finite(model: torch.nn.Module) -> bool:
+    """This rank's reduced gradients (Megatron's ``main_grad`` buffers) are all finite."""
+    grads = [getattr(p, "main_grad", None) for p in model.parameters() if p.requires_grad]
+    return _tensors_finite(g for g in grads if g is not None)
+
+
+def _tensors_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _optimizer_finite(optimizer) -> bool:
+    """Every tensor of this rank's optimizer state (Adam moments, fp32 main params) is finite."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Megatron wraps the torch optimizer
+    return all(_tensors_finite(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+               for state in inner.state.values())

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
+from data.reader import CorruptShard
 from pdmd import __version__
+from pdmd.core.errors import UserError
+
+EXIT_USAGE = 2  # a mistake in the input: the Slurm scripts never retry it (docs/training.md)
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.bench.demo", "run the whole method on CPU with tiny models (the README's first command)"),
@@ -55,7 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "_run", None) is None:
         parser.print_help()
         return 0 if not argv else 2
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (UserError, CorruptShard) as exc:  # every command's user errors: one line, exit 2 (never retried)
+        if os.environ.get("PDMD_DEBUG"):
+            raise
+        print(f"pdmd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -84,7 +84,11 @@ def read_tensors(path: str | Path, what: str) -> dict[str, torch.Tensor]:
 
     if not Path(path).is_file():
         raise ExportError(f"{what} {path}: no such file")
-    return load_file(str(path))
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error classes for bad files
+        raise ExportError(f"{what} {path} is not a readable safetensors file ({exc}); write it with "
+                          "safetensors.torch.save_file") from None
 
 
 def prompt_inputs(args: argparse.Namespace, default_encoder: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -125,6 +129,13 @@ def noise_shape(args: argparse.Namespace, batch: int, channels: int, default: li
     if any(v is None for v in given):
         raise ExportError("give all of --height, --width and --num-frames (or none: the run's latent shape)")
     temporal, spatial = vae_scale
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value < spatial or value % spatial:
+            raise ExportError(f"{name} {value} must be a positive multiple of {spatial} (the VAE's spatial factor), "
+                              f"e.g. {max(spatial, value // spatial * spatial)}")
+    if args.num_frames < 1 or (args.num_frames - 1) % temporal:
+        raise ExportError(f"--num-frames {args.num_frames} must be {temporal}k+1 (the VAE's temporal factor {temporal}), "
+                          f"e.g. {(max(args.num_frames, 1) - 1) // temporal * temporal + 1}")
     return (batch, channels, (args.num_frames - 1) // temporal + 1, args.height // spatial, args.width // spatial)
 
 
@@ -213,7 +224,8 @@ def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str
         plan, velocity, default_shape = experts.plan, experts.velocity, None
         channels, encoder, kind = experts.latent_channels(), Path(args.export), experts.conditioning
         source = {"export": str(Path(args.export).resolve())}
-        check_conditioning(kind, experts.config(), f"--export {args.export}")
+        model_cfg = experts.config()
+        check_conditioning(kind, model_cfg, f"--export {args.export}")
     else:
         # lazy: Megatron loads in seconds; --help stays fast
         from megatron_adapters.experts import RunExperts
@@ -224,9 +236,14 @@ def sample(args: argparse.Namespace) -> tuple[torch.Tensor | None, dict[str, str
         channels = int(expert_cfg.get("out_channels") or expert_cfg.get("in_channels", 16))
         encoder, kind = run.teacher, run.conditioning
         source = {"run": str(run.path.resolve())}
+        model_cfg = expert_cfg
         check_conditioning(kind, expert_cfg, f"--run {args.run}")
     cond_vae = conditioning_source(args, kind, encoder)
     text, negative = prompt_inputs(args, encoder)
+    width = int(model_cfg.get("text_dim") or model_cfg.get("joint_attention_dim") or text.shape[-1])
+    if text.shape[-1] != width:
+        raise ExportError(f"the prompt embeddings are {text.shape[-1]} wide but the model takes text_dim {width}: "
+                          "were they encoded with this model's text encoder?")
     scale = vae_scale(cond_vae or vae_folder(args.vae))
     cond = read_cond(args.cond, kind) if args.cond else None
     if args.latents:

@@ -3,24 +3,30 @@
 All phases in order in one process (default), or one phase per invocation (``--phase auto`` = the next
 pending one; what one Slurm job per phase runs). Resumable: rerun the same command after any stop.
 SIGTERM/SIGUSR1 save a checkpoint at the next step boundary and exit with code 75 (EX_TEMPFAIL), which
-the Slurm scripts treat as "requeue me". Exit codes: 0 done, 2 a mistake in the config, the command or
-the run directory (retrying cannot help), 3 training diverged (non-finite losses; retrying from the
-same checkpoint would diverge again), 75 preempted, 1 anything else (possibly transient: retried).
+the Slurm scripts treat as "requeue me"; Ctrl-C (SIGINT) saves the same way and exits 130 (75 under Slurm);
+a second Ctrl-C stops at once. Exit codes (docs/training.md): 0 done, 2 a mistake in the config, the
+command, the data or the run directory (retrying cannot help), 3 training diverged (non-finite steps;
+retrying from the same checkpoint would diverge again), 75 preempted, 130 interrupted, 1 anything else
+(possibly transient: retried).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 
 import torch
 
 from data.loader import PromptDataConfig, PromptLoader
+from data.reader import CorruptShard
 from pdmd.core.conditioning import Conditioning
 from pdmd.core.config import ConfigError, RunConfig, load_config, lr_at
 from pdmd.core.distributed import barrier, is_rank0
+from pdmd.core.errors import UserError
 from pdmd.core.method import PhaseTrainer
 from pdmd.export.pipelines import decode, save_media, vae_folder
 from pdmd.run.metrics import MetricsLogger
@@ -29,20 +35,32 @@ from pdmd.run.rundir import RunDir, tree_hash
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 EXIT_PREEMPTED = 75
+EXIT_INTERRUPTED = 130
 
 
 class TrainingDiverged(RuntimeError):
-    """Too many generator steps in a row with a non-finite DMD target or loss."""
+    """Too many steps in a row with a non-finite DMD target, loss or gradient."""
+
+
+class NoReadableCheckpoint(UserError):
+    """Every kept checkpoint of a phase fails to load."""
 
 
 class _StopFlag:
-    """Set by SIGTERM/SIGUSR1 (installed before anything slow is built); the loop checks it between steps."""
+    """Set by SIGTERM/SIGUSR1/SIGINT (installed before anything slow is built); the loop checks it between
+    steps. A second Ctrl-C interrupts at once (KeyboardInterrupt), without the checkpoint."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
-        self._previous = {sig: signal.signal(sig, self._set) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+        self._previous = {sig: signal.signal(sig, self._set)
+                          for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
 
     def _set(self, signum, _frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT and is_rank0():
+            print("pdmd train: Ctrl-C: saving a checkpoint at the end of this step (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
         self.signal = signum
 
     def agreed(self, device: torch.device) -> int | None:
@@ -90,13 +108,14 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
         backend.setup_interleaved({k: (manifest["phases"][k - 1]["student_expert"], plan.renoise_interval(k))
                                    for k in phases})
     data_cfg = PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
-                                           "seed": cfg.seed})
+                                           "seed": cfg.seed, "text_dim": backend.text_dim})
     loader = PromptLoader(data_cfg, dp_rank=backend.dp_rank, dp_size=backend.dp_size)
-    start = 0
+    start, bad_saved = 0, {}
     if entry["checkpoints"]:
-        state = backend.load(run.path / entry["checkpoints"][0])
+        state = _load_newest_intact(backend, run, entry["checkpoints"])
         loader.load_state_dict(state["loader"])
-        start = state["step"]
+        start, bad_saved = state["step"], state.get("bad_steps", {})
+    logger.rewind((owner - 1) * cfg.train.steps + start)  # the steps after the resume point run again
     for k in phases:
         run.update_phase(k, status="running")
     trainers = {k: PhaseTrainer(backend, plan, k, cfg.method, cfg.train.latent_shape, cfg.seed) for k in phases}
@@ -113,7 +132,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                 cond = Conditioning.from_batch(batch, backend.device)
                 losses.append(trainers[k].fake_step(-1 - i, 0, _text(backend, batch), cond)["fake_loss"])
             warmup[k] = sum(losses) / len(losses)
-    bad = dict.fromkeys(phases, 0)
+    bad = {k: int(bad_saved.get(str(k), 0)) for k in phases}  # steps in a row skipped; survives a resume
     steps, n = cfg.train.steps, len(phases)
     total = steps * n  # iterations; each phase gets train.steps generator updates
     bar = _progress(cfg, "+".join(map(str, phases)), start, total)
@@ -131,13 +150,16 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             backend.set_lr(lrs)
             fake = [trainer.fake_step(step, i, text, cond) for i in range(cfg.method.fake_ratio)]
             gen = trainer.generator_step(step, text, negative, cond)
-            bad[k] = bad[k] + 1 if gen.get("skipped") else 0
+            skipped = bool(gen.get("skipped")) or any(f.get("skipped") for f in fake)
+            bad[k] = bad[k] + 1 if skipped else 0
             if bad[k] >= cfg.train.max_bad_steps:
                 run.update_phase(k, status="failed")
+                kept = run.read()["phases"][owner - 1]["checkpoints"]
                 raise TrainingDiverged(
-                    f"phase {k}: {bad[k]} generator steps in a row had a non-finite DMD target or loss; the last good "
-                    f"checkpoint is {run.read()['phases'][owner - 1]['checkpoints'][:1]}. Lower student.lr / "
-                    f"method.cfg_scale, or use model.dtype=fp32, then rerun to resume from it")
+                    f"phase {k}: {bad[k]} steps in a row had a non-finite DMD target, loss or gradient (each was "
+                    f"skipped for every role); the last good checkpoint is {kept[0] if kept else 'none (the phase start)'}. "
+                    "Rerun the same command with a lower student.lr / fake.lr (learning rates may change on resume; "
+                    "the manifest records it) or method.cfg_scale in a new --run-dir, or model.dtype=fp32")
             elapsed = time.perf_counter() - tic
             scalars = {f"phase{k}/{name}": value for name, value in gen.items()}
             scalars[f"phase{k}/fake_loss"] = sum(f["fake_loss"] for f in fake) / len(fake)
@@ -165,9 +187,18 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             if previews is not None and (step + 1) % cfg.logging.sample_every == 0:
                 previews.log(trainer, logger, k, step + 1, global_step)
             signalled = stop.agreed(backend.device)
-            if done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None:
+            due = done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None
+            # never from a state that is not known good: after a skipped step the save waits for a good one
+            # (a signal saves anyway: the counter travels with it); never with a non-finite parameter or moment
+            if due and (bad[k] == 0 or signalled is not None) and not backend.params_finite():
+                run.update_phase(k, status="failed")
+                raise TrainingDiverged(f"phase {k}: a parameter or optimizer moment became non-finite at step {done}; "
+                                       "no checkpoint was written from it. Resume from the last good checkpoint "
+                                       "with a lower student.lr / fake.lr")
+            if due and (bad[k] == 0 or signalled is not None):
                 backend.save(run.step_dir(owner, done), {"step": done, "loader": loader.state_dict(), "phase": owner,
-                                                         "phases": phases})
+                                                         "phases": phases,
+                                                         "bad_steps": {str(j): n for j, n in bad.items()}})
                 if is_rank0():
                     run.record_checkpoint(owner, done, cfg.train.keep_last)
                     for j in phases if n > 1 else []:  # interleaved: each phase's own updates so far
@@ -177,7 +208,8 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                 counted = " (iterations over all phases)" if n > 1 else ""
                 print(f"phase {k}: signal {signalled} received, checkpoint at step {done} saved{counted}; exiting",
                       flush=True)
-                return EXIT_PREEMPTED
+                interactive = signalled == signal.SIGINT and "SLURM_JOB_ID" not in os.environ
+                return EXIT_INTERRUPTED if interactive else EXIT_PREEMPTED
     finally:
         if bar is not None:
             bar.close()
@@ -191,6 +223,22 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                              expert_hash=tree_hash(run.expert_dir(k)))
     barrier()
     return 0
+
+
+def _load_newest_intact(backend, run: RunDir, checkpoints: list[str]) -> dict:
+    """The newest kept checkpoint that loads (newest first), naming each one that does not."""
+    for rel in checkpoints:
+        try:
+            return backend.load(run.path / rel)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # torch's CheckpointException is a BaseException
+            if is_rank0():
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
+                print(f"pdmd train: checkpoint {run.path / rel} does not load ({reason}); trying the one before it",
+                      file=sys.stderr, flush=True)
+    raise NoReadableCheckpoint(f"none of the kept checkpoints of {run.path} loads ({', '.join(checkpoints)}): restore "
+                               "one, or remove the phase's 'checkpoints' entries in manifest.json to restart the phase")
 
 
 def _text(backend, batch: dict) -> torch.Tensor:
@@ -262,11 +310,10 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
         run = RunDir(run_dir)
         plan = cfg.phase_plan()
         if is_rank0():
-            run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict())
+            run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict(),
+                                resume_changes=cfg.resume_changes)
         barrier()
         manifest = run.read()
-        logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(),
-                               rank=0 if is_rank0() else 1)
         if phase == "all":
             todo = [e["index"] for e in manifest["phases"] if e["status"] != "done"]
         elif phase == "auto":
@@ -284,6 +331,9 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
             groups = [[k] for k in todo]
         for group in groups:
             run.check_phase_ready(group[0])
+            if logger is None:  # only a run with work to do opens a W&B run
+                logger = MetricsLogger(run.metrics, cfg.wandb, manifest["wandb_id"], cfg.to_dict(),
+                                       rank=0 if is_rank0() else 1)
             code = _phase_loop(cfg, backend, run, group, logger, stop)
             if code:
                 return code
@@ -296,21 +346,32 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
         stop.restore()
 
 
+def check_before_build(cfg: RunConfig, run_dir: str | Path, phase: str) -> None:
+    """What can be refused in a second, before minutes of model building: the phase index, the run directory."""
+    num = cfg.phase_plan().num_phases
+    if phase not in ("all", "auto") and not (phase.isdigit() and 1 <= int(phase) <= num):
+        raise ConfigError(f"--phase {phase}: use all, auto or a phase number 1..{num} (the recipe has {num} phases)")
+    path = Path(run_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"--run-dir {path} is a file: give a directory (it will hold manifest.json, checkpoints/)")
+    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {path}: {parent} is not writable by this user; choose another place")
+    RunDir(path).check_trusted()
+
+
 def run(args: argparse.Namespace) -> int:
-    if args.phase not in ("all", "auto") and not args.phase.isdigit():
-        print(f"pdmd train: --phase {args.phase!r}: use all, auto or a phase number", file=sys.stderr)
-        return EXIT_USAGE
     try:
         cfg = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"pdmd train: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    try:
+        check_before_build(cfg, args.run_dir, args.phase)
         return train(cfg, args.run_dir, args.phase)
     except TrainingDiverged as exc:
         print(f"pdmd train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
-    except (ConfigError, ValueError, FileNotFoundError) as exc:
-        # Mistakes a user can act on (bad layout, unfinished earlier phase, changed run): one line, no retry.
+    except (UserError, ValueError, FileNotFoundError, CorruptShard) as exc:
+        # Mistakes a user can act on (bad layout, unfinished earlier phase, changed run, a truncated shard):
+        # one line, no retry (PDMD_DEBUG=1 shows the traceback).
+        if os.environ.get("PDMD_DEBUG"):
+            raise
         print(f"pdmd train: {exc}", file=sys.stderr)
         return EXIT_USAGE

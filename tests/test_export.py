@@ -222,7 +222,22 @@ def test_unfinished_or_broken_runs_are_clear_errors(tiny_wan_run, tmp_path, caps
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file.txt").write_text("mine")
     code, err = _export(["--run", str(root / "run"), "--out", str(tmp_path / "busy"), "--no-hash-check"], capsys)
-    assert code == 2 and "not an earlier export" in err
+    assert code == 2 and "is not an export" in err and "--overwrite" in err
+
+
+def test_export_never_mixes_runs_or_leaves_half_an_export(tiny_wan_run):
+    """run A's LoRA files into run B's export folder: refused, B's export untouched; an export whose expert
+    checkpoint is truncated (hash check off) fails with nothing at --out and no staging folder left."""
+    root, results = tiny_wan_run
+    r = results["export_into_other_runs"]
+    assert r["code"] == 2 and "another run" in r["stderr"] and "Traceback" not in r["stderr"], r["stderr"]
+    info = json.loads((root / "export3" / "pdmd_export.json").read_text())
+    assert info["run"] == str((root / "run3").resolve()) and info["kind"] != "lora"
+    assert not list((root / "export3").glob("*lora*"))
+    r = results["export_corrupt_expert"]
+    assert r["code"] == 2 and "phase 1" in r["stderr"] and "Traceback" not in r["stderr"], r["stderr"]
+    assert not (root / "export_corrupt").exists()
+    assert not [p for p in root.iterdir() if p.name.startswith(".export")]
 
 
 # --- Qwen-Image ------------------------------------------------------------------------------------------

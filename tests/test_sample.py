@@ -136,3 +136,14 @@ def test_bad_inputs_are_clear_errors(tiny_wan_run, tmp_path, capsys):
     assert code == 2 and "--num-frames" in err
     code, err = _sample(["--export", str(tmp_path), "--prompt", "a", "--out", out], capsys)
     assert code == 2 and "pdmd_export.json" in err
+
+
+def test_sizes_and_embeddings_that_cannot_work_are_refused(tiny_wan_run):
+    """Refused in one line with exit 2 before any model loads: a height the VAE cannot make (no silent floor),
+    a file that is not safetensors, prompt embeddings of another text encoder's width."""
+    _, results = tiny_wan_run
+    for name, words in [("sample_height_17", "--height 17 must be a positive multiple of 8"),
+                        ("sample_garbage_embeds", "not a readable safetensors file"),
+                        ("sample_narrow_embeds", "wide but the model takes text_dim")]:
+        r = results[name]
+        assert r["code"] == 2 and words in r["stderr"] and "Traceback" not in r["stderr"], (name, r["stderr"])

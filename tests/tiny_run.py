@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -44,6 +45,16 @@ def cases(root: Path) -> dict[str, list[str]]:
         "export3": ["convert", "--run", str(root / "run3"), "--out", str(root / "export3"), "--verify"],
         "sample3": ["sample", "--run", str(root / "run3"), "--embeds", emb, "--latents", lat,
                     "--out", str(root / "s3.safetensors")],
+        # fail-safe: refused with exit 2, one line, nothing lost or half-written
+        "export_into_other_runs": ["convert", "--run", r, "--out", str(root / "export3"), "--lora-only"],
+        "export_corrupt_expert": ["convert", "--run", str(root / "run_corrupt"), "--out", str(root / "export_corrupt"),
+                                  "--no-hash-check"],
+        "sample_height_17": ["sample", "--run", r, "--embeds", emb, "--height", "17", "--width", "64",
+                             "--num-frames", "5", "--out", str(root / "s_bad.safetensors")],
+        "sample_garbage_embeds": ["sample", "--run", r, "--embeds", str(root / "garbage.safetensors"),
+                                  "--out", str(root / "s_bad.safetensors")],
+        "sample_narrow_embeds": ["sample", "--run", r, "--embeds", str(root / "narrow.safetensors"),
+                                 "--latents", lat, "--out", str(root / "s_bad.safetensors")],
     }
 
 
@@ -185,6 +196,11 @@ def build(root: Path) -> None:
     tic = time.perf_counter()
     _train(root, "run3", PHASE3)
     timings["train3"] = round(time.perf_counter() - tic, 2)
+    shutil.copytree(root / "run", root / "run_corrupt")  # its phase-1 expert truncated, as a failed copy leaves it
+    victim = max((root / "run_corrupt" / "checkpoints" / "phase1" / "expert").glob("*.distcp"), key=lambda f: f.stat().st_size)
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    (root / "garbage.safetensors").write_bytes(b"not a tensor file" * 8)
+    save_file({"prompt_embeds": torch.randn(2, 16, UMT5_DIM // 2, generator=g)}, str(root / "narrow.safetensors"))
     results = {name: _call(argv[0], argv[1:]) for name, argv in cases(root).items()}
     results["_timings"] = timings
     (root / "results.json").write_text(json.dumps(results, indent=2))

@@ -16,6 +16,7 @@ Re-running on the same --out folder resumes: finished shards are skipped.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,7 +76,7 @@ def _image_conditioning(args: argparse.Namespace):
     from data.images import parse_buckets, read_image_list, scan_images
 
     if not args.vae or not args.buckets:
-        raise SystemExit("--conditioning needs --vae (a local Wan diffusers folder) and --buckets (e.g. 480x832,832x480)")
+        raise ValueError("--conditioning needs --vae (a local Wan diffusers folder) and --buckets (e.g. 480x832,832x480)")
     buckets = parse_buckets(args.buckets)
     vae, vae_info = load_vae(args.vae, dtype=args.vae_dtype, device=args.device)
     encoder = ConditionEncoder(vae, args.conditioning, args.num_frames, dtype=parse_dtype(args.cond_dtype),
@@ -85,15 +86,26 @@ def _image_conditioning(args: argparse.Namespace):
     scan = scan_images(images, buckets, aspect_tolerance=args.aspect_tolerance,
                        min_image_fraction=args.min_image_fraction, cache_dir=args.out, progress=not args.no_progress)
     if not scan.samples:
-        raise SystemExit(f"no usable images in {args.prompts} ({len(images.rows)} rows, {images.blank_lines} without "
+        raise ValueError(f"no usable images in {args.prompts} ({len(images.rows)} rows, {images.blank_lines} without "
                          f"a prompt)\n{scan.summary()}")
     return ImageConditioning(encoder, images, scan, buckets)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 done; 2 a mistake in the inputs (one line naming it; PDMD_DEBUG=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
+    try:
+        return _write(args)
+    except (ValueError, OSError, UnicodeDecodeError) as exc:  # data/ reports every input problem as one of these
+        if os.environ.get("PDMD_DEBUG"):
+            raise
+        print(f"make_prompt_shards: {exc}", file=sys.stderr)
+        return 2
+
+
+def _write(args: argparse.Namespace) -> int:
     if not args.conditioning and (args.vae or args.buckets or args.images):
-        raise SystemExit("--vae, --buckets and --images only apply with --conditioning i2v|ti2v")
+        raise ValueError("--vae, --buckets and --images only apply with --conditioning i2v|ti2v")
     conditioning = _image_conditioning(args) if args.conditioning else None
     prompts = conditioning.prompt_list() if conditioning else read_prompts(args.prompts)
     encoder = load_prompt_encoder(args.encoder, args.encoder_path, dtype=args.dtype, device=args.device,

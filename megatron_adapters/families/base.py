@@ -44,9 +44,28 @@ class ModelFamily:
     def __init__(self, teacher: str | Path, subfolders: list[str]) -> None:
         self.teacher, self.subfolders = Path(teacher), list(subfolders)
         self.configs = [self.read_config(self.teacher / sub) for sub in self.subfolders]
+        self._check_same_architecture()
+
+    def _check_same_architecture(self) -> None:
+        """Every expert has the first one's architecture: the Megatron config (widths, heads, layers) is built
+        once, from expert 0's, so an expert that differs would be built with the wrong shapes."""
+        first = vars(self.configs[0])
+        for sub, cfg in zip(self.subfolders[1:], self.configs[1:], strict=True):
+            differ = [k for k, v in vars(cfg).items() if first.get(k) != v]
+            if differ:
+                k = differ[0]
+                raise ValueError(f"{self.teacher / sub}/config.json has {k}={vars(cfg)[k]!r} but "
+                                 f"{self.teacher / self.subfolders[0]}/config.json has {k}={first.get(k)!r}: every "
+                                 "expert of a teacher must have one architecture (is one config.json edited or "
+                                 "from another model?)")
 
     # -- architecture -----------------------------------------------------------------------------
     def read_config(self, folder: Path) -> Any:
+        raise NotImplementedError
+
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings the model takes (what the prompt shards must hold)."""
         raise NotImplementedError
 
     @property

@@ -32,6 +32,11 @@ class Backend(Protocol):
     @property
     def device(self) -> torch.device: ...
 
+    @property
+    def text_dim(self) -> int:
+        """Width of the text embeddings the model takes (checked against the prompt shards)."""
+        ...
+
     def text_input(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The text tensor the method passes around for a batch (the family decides what travels with it)."""
         ...
@@ -64,7 +69,12 @@ class Backend(Protocol):
 
     def train_step(self, role: str, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, loss_fn: LossFn,
                    cond: Conditioning | None = None) -> dict[str, float]:
-        """One optimizer step of a trainable role on the batch-mean ``loss_fn``: {"loss", "grad_norm", ...}."""
+        """One optimizer step of a trainable role on the batch-mean ``loss_fn``: {"loss", "grad_norm", "skipped"};
+        a non-finite loss or gradient on any rank skips the step on every rank (``skipped`` = 1)."""
+        ...
+
+    def params_finite(self) -> bool:
+        """Every trainable role's parameters and optimizer state are finite (on every rank)."""
         ...
 
     def save(self, path: str | Path, extra: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -172,6 +173,21 @@ class RunConfig:
                 del node[key]
         return ident
 
+    def resume_changes(self, saved: dict[str, Any]) -> dict[str, list[Any]] | None:
+        """Against a run directory's saved config: None if it is another run; else the RESUMABLE_KEYS whose
+        values differ, ``{"student.lr": [old, new]}`` (what a diverged run may lower on resume)."""
+        try:
+            old = _build(RunConfig, saved, "").identity()
+        except (ConfigError, TypeError):
+            return None
+        new = self.identity()
+        changes = {}
+        for path in RESUMABLE_KEYS:
+            values = [_pop(ident, path) for ident in (old, new)]
+            if values[0] != values[1]:
+                changes[".".join(path)] = values
+        return changes if old == new else None
+
     def hash(self) -> str:
         """Identity of the run for the manifest (:meth:`identity`)."""
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()
@@ -187,6 +203,21 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {
     ("student", "lr_decay"): "constant",
     ("fake", "lr_decay"): "constant",
 }
+
+# What a run may change when it resumes (recorded in the manifest's history): learning rates (to continue a
+# diverged run) and bookkeeping; everything else defines the result and stays fixed.
+RESUMABLE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("student", "lr"), ("fake", "lr"), ("train", "max_bad_steps"), ("train", "checkpoint_every"),
+    ("train", "keep_last"), ("train", "log_every"),
+)
+
+
+def _pop(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
+    node = tree
+    for name in path[:-1]:
+        node = node.get(name) or {}
+    return node.pop(path[-1], None) if isinstance(node, dict) else None
+
 
 LR_DECAYS = ("constant", "linear", "cosine")
 
@@ -225,26 +256,68 @@ def _build(cls, raw: Any, where: str):
         if nested is not None and "dict" not in str(ftype):
             values[name] = None if (name in ("lora", "fp8") and value is None) else _build(nested, value, sub)
         else:
-            values[name] = value
+            values[name] = _typed(value, str(ftype), sub)
     return cls(**values)
+
+
+def _typed(value: Any, ftype: str, key: str) -> Any:
+    """``value`` as the field's scalar type (``float``, ``int``, ``bool``, ``str``, optionally ``| None``), or
+    a ConfigError naming the key; other types (lists, mappings) are checked by :func:`validate`."""
+    optional = ftype.endswith(" | None")
+    base = ftype.removesuffix(" | None")
+    if value is None and optional:
+        return None
+    if base == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"{key}={value!r} must be a number")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} must be a number") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+        return number if isinstance(value, str) else value  # as given: the run's identity hash keeps it
+    if base == "int" and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{key}={value!r} must be a whole number")
+    if base == "bool" and not isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r} must be true or false")
+    if base == "str" and not isinstance(value, str):
+        raise ConfigError(f"{key}={value!r} must be a string")
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def load_config(path: str | Path | dict | None, overrides: Sequence[str] = ()) -> RunConfig:
     """Read a recipe (a YAML path, or an already-parsed dict) and apply ``key=value`` overrides (the
     recipe's own dotted key names)."""
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
 
     if path is None or isinstance(path, dict):
         base = OmegaConf.create(path or {})
     else:
         if not Path(path).is_file():
             raise ConfigError(f"no recipe at {path}: pass a YAML file such as configs/tiny_wan22.yaml")
-        base = OmegaConf.load(str(path))
+        try:
+            base = OmegaConf.load(str(path))
+        except Exception as exc:  # noqa: BLE001 - YAML syntax errors come as several parser classes
+            raise ConfigError(f"{path} is not valid YAML: {_first_line(exc)}") from None
+        if not isinstance(base, DictConfig):
+            raise ConfigError(f"{path} must hold a mapping of config sections (model:, train:, ...)")
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=10)")
-    merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-    raw = OmegaConf.to_container(merged, resolve=True)
+    try:
+        given = OmegaConf.from_dotlist(list(overrides))
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's grammar errors
+        raise ConfigError(f"an override does not parse ({_first_line(exc)}): write key=value, lists as "
+                          "key=[1,2], quoted for the shell") from None
+    try:
+        raw = OmegaConf.to_container(OmegaConf.merge(base, given), resolve=True)
+    except Exception as exc:  # noqa: BLE001 - merge/interpolation errors
+        raise ConfigError(f"the recipe and overrides do not merge: {_first_line(exc)}") from None
     cfg = _build(RunConfig, raw, "")
     validate(cfg)
     return cfg

@@ -129,8 +129,9 @@ class PhaseTrainer:
         metrics = {"dmd_grad_norm": dmd.grad.float().norm().item(), "dmd_normaliser": normaliser.mean().item(),
                    "t_mean": t.mean().item(), "t_min": t.min().item(), "t_max": t.max().item(),
                    "sgts_step": float(r.step), **timing}
-        if not torch.isfinite(dmd.target).all():
-            return {**metrics, "generator_loss": float("nan"), "skipped": 1.0}
+        # A non-finite target is not skipped here: one data-parallel rank may see it while the others do not,
+        # and the update is collective; its loss is non-finite, so the backend skips it on every rank.
+        metrics["target_finite"] = float(torch.isfinite(dmd.target).all())
         x_in, jump = r.x_in, self.s - r.t_in
         weight = cond.loss_weight(x_in) if cond is not None else None
         # Only the generated part moves: a TI2V first frame is given, so its target is itself.
@@ -150,7 +151,7 @@ class PhaseTrainer:
         x_s = self.rollout(text, gen, cond).x_gen
         eps, t, x_t = self._renoise(x_s, gen, cond)
         experts = self.backend.expert_of(t)
-        losses, norms = [], []
+        losses, norms, skipped = [], [], 0.0
         for e in experts.unique().tolist():
             idx = (experts == e).nonzero().flatten()
             xs_e, eps_e, t_e = x_s[idx], eps[idx], t[idx]
@@ -159,7 +160,8 @@ class PhaseTrainer:
                                           self._fake_loss(xs_e, eps_e, t_e, cond_e), cond_e)
             losses.append(out["loss"] * len(idx))
             norms.append(out["grad_norm"])
-        return {"fake_loss": sum(losses) / x_s.shape[0], "fake_grad_norm": max(norms)}
+            skipped = max(skipped, out.get("skipped", 0.0))
+        return {"fake_loss": sum(losses) / x_s.shape[0], "fake_grad_norm": max(norms), "skipped": skipped}
 
     def _fake_loss(self, x_s, eps, t, cond: Conditioning | None):
         kind, s, max_weight = self.method.fake_loss, self.s, self.method.fake_max_weight

@@ -16,6 +16,7 @@ image to the pipeline, which encodes it itself.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -25,13 +26,16 @@ from data.conditioning import ConditionEncoder, load_vae
 from data.images import Bucket
 from pdmd.core.conditioning import Conditioning
 from pdmd.core.distributed import barrier, is_rank0
+from pdmd.core.errors import UserError
 from pdmd.core.sampler import euler_sample
 from pdmd.export.files import (
     base_components,
     check_against_teacher,
+    check_out,
     copy_components,
     dtype_kwarg,
     parse_dtype,
+    staged_folder,
     write_json,
     write_lora,
     write_scheduler,
@@ -74,11 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--verify", action="store_true", help="load the export with diffusers and compare with our sampler")
     p.add_argument("--seed", type=int, default=0, help="--verify: noise and prompt-embedding seed")
     p.add_argument("--no-hash-check", action="store_true", help="skip re-hashing the expert checkpoints")
-
-
-def _check_out(out: Path) -> None:
-    if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
-        raise ExportError(f"--out {out} exists and is not an earlier export: choose a new or empty folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an --out that holds something else than an export of this run")
 
 
 def export(opts: ExportOptions) -> tuple[float, float] | None:
@@ -90,7 +91,7 @@ def export(opts: ExportOptions) -> tuple[float, float] | None:
     dtype_name = opts.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)
     base = opts.base_pipeline
-    _check_out(out)
+    check_out(out, run.path, opts.overwrite)  # before any work; staged_folder checks again
     for p in run.phases:
         check_conditioning(run.conditioning, read_json(run.expert_folder(p.student_expert) / "config.json") or {},
                            f"phase {p.index} (teacher {run.expert_folder(p.student_expert)})")
@@ -106,18 +107,30 @@ def export(opts: ExportOptions) -> tuple[float, float] | None:
     from megatron_adapters.experts import RunExperts
 
     experts = RunExperts(run, tp=opts.tp, pp=opts.pp)
+    with staged_folder(out, run.path, opts.overwrite) as stage:
+        _write_phases(run, experts, opts, stage, out, scheduler, ratio, dtype, dtype_name)
+    barrier()
+    if not opts.verify:
+        return None
+    return verify(run, out, experts, opts, dtype_name)
+
+
+def _write_phases(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: Path, scheduler: dict,
+                  ratio: float | None, dtype: torch.dtype, dtype_name: str) -> None:
+    """Every phase's transformer (or LoRA file) and the pipeline files into ``stage`` (rank 0 writes)."""
+    k_count, base = run.plan.num_phases, opts.base_pipeline
     folders = phase_folders(k_count)
     for p in run.phases:
         origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
         if opts.lora_only:
             state = experts.lora_diffusers(p.index)
             if is_rank0():
-                write_lora(out / lora_file(p.index), state, dtype, origin)
+                write_lora(stage / lora_file(p.index), state, dtype, origin)
         else:
             state = experts.expert_diffusers(p.index)
             if is_rank0():
                 check_against_teacher(state, run.expert_folder(p.student_expert), f"phase {p.index}")
-                write_transformer(out / folders[p.index], state, run.expert_folder(p.student_expert), dtype)
+                write_transformer(stage / folders[p.index], state, run.expert_folder(p.student_expert), dtype)
             if not opts.verify:
                 experts.backend.experts.pop(p.index, None)  # a 14B expert is freed before the next one loads
         del state
@@ -125,13 +138,9 @@ def export(opts: ExportOptions) -> tuple[float, float] | None:
             print(f"convert_to_diffusers: phase {p.index} -> "
                   f"{out / (lora_file(p.index) if opts.lora_only else folders[p.index])}", flush=True)
     if is_rank0():
-        info = write_pipeline_files(run, out, scheduler, ratio, base, lora_only=opts.lora_only, dtype_name=dtype_name)
+        info = write_pipeline_files(run, stage, scheduler, ratio, base, lora_only=opts.lora_only, dtype_name=dtype_name)
         print(f"convert_to_diffusers: wrote {out} ({info['kind']}; timesteps {[round(t * 1000, 3) for t in run.plan.timesteps]}"
               f", boundary_ratio {ratio})", flush=True)
-    barrier()
-    if not opts.verify:
-        return None
-    return verify(run, out, experts, opts, dtype_name)
 
 
 def write_pipeline_files(run: RunInfo, out: Path, scheduler: dict, ratio: float | None, base: Path | None, *,
@@ -263,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         result = export(ExportOptions.from_args(args))
-    except ExportError as exc:
+    except UserError as exc:  # ExportError, ConfigError: one line, exit 2 (PDMD_DEBUG=1 shows the traceback)
+        if os.environ.get("PDMD_DEBUG"):
+            raise
         print(f"convert_to_diffusers: {exc}", file=sys.stderr)
         return 2
     return 1 if result is not None and result[0] > result[1] else 0

@@ -8,15 +8,18 @@ instead of through a ``WanTransformer3DModel``, so a 14B expert is never held tw
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from pdmd.core.distributed import barrier, is_rank0
 from pdmd.core.tensors import DTYPES
-from pdmd.export.layout import COMPONENTS, SCHEDULER_CLASS, ExportError
+from pdmd.export.layout import COMPONENTS, EXPORT_INFO, SCHEDULER_CLASS, ExportError, read_json
 
 WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 MAX_SHARD = "10GB"
@@ -146,3 +149,46 @@ def dtype_kwarg(dtype: torch.dtype) -> dict[str, torch.dtype]:
 def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def check_out(out: Path, run_path: Path, overwrite: bool) -> None:
+    """--out may be new, empty, or an earlier export of the same run (replaced); anything else only with
+    --overwrite, so that two runs' files never mix in one folder."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ExportError(f"--out {out} is a file: give a folder")
+    if not any(out.iterdir()) or overwrite:
+        return
+    info = read_json(out / EXPORT_INFO)
+    if info is None:
+        raise ExportError(f"--out {out} exists and is not an export: choose a new or empty folder, or pass --overwrite")
+    if info.get("run") != str(run_path.resolve()):
+        raise ExportError(f"--out {out} holds an export of another run ({info.get('run')}): choose a new folder, or "
+                          "pass --overwrite to replace it")
+
+
+@contextmanager
+def staged_folder(out: Path, run_path: Path, overwrite: bool) -> Iterator[Path]:
+    """Write an export into a hidden sibling of ``out`` and move it into place only once complete: a failed
+    export leaves ``out`` as it was (rank 0 writes; every rank enters and leaves together)."""
+    check_out(out, run_path, overwrite)
+    stage = out.parent / f".{out.name}.partial"
+    if is_rank0():
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    barrier()
+    try:
+        yield stage
+    except BaseException:
+        if is_rank0():
+            shutil.rmtree(stage, ignore_errors=True)
+        raise
+    if is_rank0():
+        old = out.parent / f".{out.name}.replaced"
+        shutil.rmtree(old, ignore_errors=True)
+        if out.exists():
+            os.replace(out, old)
+        os.replace(stage, out)
+        shutil.rmtree(old, ignore_errors=True)
+    barrier()

@@ -51,13 +51,15 @@ class ExportOptions:
     verify: bool = False
     seed: int = 0  # --verify's noise and prompt-embedding seed
     hash_check: bool = True
+    overwrite: bool = False  # replace an --out that is not an export of this run
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExportOptions:
         path = lambda v: None if v is None else Path(v)  # noqa: E731
         return cls(run=Path(args.run), out=Path(args.out), base_pipeline=path(args.base_pipeline),
                    lora_only=args.lora_only, dtype=args.dtype, teacher=path(args.teacher), tp=args.tp, pp=args.pp,
-                   verify=args.verify, seed=args.seed, hash_check=not args.no_hash_check)
+                   verify=args.verify, seed=args.seed, hash_check=not args.no_hash_check,
+                   overwrite=args.overwrite)
 
 
 @dataclass(frozen=True)

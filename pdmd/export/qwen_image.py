@@ -32,10 +32,12 @@ from pdmd.core.schedule import NUM_TRAIN_TIMESTEPS, PhasePlan
 from pdmd.export.files import (
     WEIGHTS,
     base_components,
+    check_out,
     copy_components,
     dtype_kwarg,
     parse_dtype,
     safetensors_shapes,
+    staged_folder,
     write_json,
     write_scheduler,
     write_transformer,
@@ -176,11 +178,10 @@ def model_index(base_index: dict[str, Any] | None, present: Sequence[str], phase
 
 def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None:
     """Write the QwenImagePipeline folder; with --verify returns (relative error, tolerance) on rank 0."""
-    out, k_count = opts.out, run.plan.num_phases
+    out = opts.out
     if opts.lora_only:
         raise ExportError("--lora-only: Qwen-Image runs export as a merged QwenImagePipeline only (drop --lora-only)")
-    if out.exists() and any(out.iterdir()) and not (out / EXPORT_INFO).is_file():
-        raise ExportError(f"--out {out} exists and is not an earlier export: choose a new or empty folder")
+    check_out(out, run.path, opts.overwrite)  # before any work; staged_folder checks again
     dtype_name = opts.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)
     scheduler = scheduler_config(run.plan.timesteps)
@@ -190,11 +191,19 @@ def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None
     from megatron_adapters.experts import RunExperts
 
     experts = RunExperts(run, tp=opts.tp, pp=opts.pp)
-    folder = out / "transformer"
+    with staged_folder(out, run.path, opts.overwrite) as stage:
+        _write_qwen(run, experts, opts, stage, out, scheduler, bounds, dtype, dtype_name)
+    barrier()
+    return verify(run, out, experts, opts, dtype_name) if opts.verify else None
+
+
+def _write_qwen(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: Path, scheduler: dict[str, Any],
+                bounds: list[float], dtype: torch.dtype, dtype_name: str) -> None:
+    """The phase experts (one transformer, or the router over them) and the pipeline files into ``stage``."""
+    k_count = run.plan.num_phases
+    folder = stage / "transformer"
     teacher_folder = run.expert_folder(0)
     weight_map: dict[str, str] = {}
-    if is_rank0() and folder.exists():
-        shutil.rmtree(folder)
     for p in run.phases:
         state = experts.expert_diffusers(p.index)
         if is_rank0():
@@ -203,22 +212,20 @@ def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None
                 write_transformer(folder, state, teacher_folder, dtype)
             else:
                 weight_map.update(write_phase_weights(folder, p.index, state, dtype))
-            print(f"convert_to_diffusers: phase {p.index} -> {folder}", flush=True)
+            print(f"convert_to_diffusers: phase {p.index} -> {out / 'transformer'}", flush=True)
         if not opts.verify:
             experts.backend.experts.pop(p.index, None)  # a 20B expert is freed before the next one loads
         del state
     if is_rank0():
         if k_count > 1:
             write_router(folder, weight_map, read_json(teacher_folder / "config.json") or {}, bounds)
-        write_scheduler(out, scheduler)
+        write_scheduler(stage, scheduler)
         base = Path(opts.base_pipeline) if opts.base_pipeline else run.teacher
-        present = copy_components({k: v for k, v in base_components(base).items() if k in DEFAULT_COMPONENTS}, out)
-        write_json(out / "model_index.json", model_index(read_json(base / "model_index.json"), present, k_count > 1))
-        write_json(out / EXPORT_INFO, export_info(run, scheduler, bounds, present, dtype_name))
+        present = copy_components({k: v for k, v in base_components(base).items() if k in DEFAULT_COMPONENTS}, stage)
+        write_json(stage / "model_index.json", model_index(read_json(base / "model_index.json"), present, k_count > 1))
+        write_json(stage / EXPORT_INFO, export_info(run, scheduler, bounds, present, dtype_name))
         print(f"convert_to_diffusers: wrote {out} ({PIPELINE_CLASS}, {k_count} phase(s); timesteps "
               f"{[round(t * 1000, 3) for t in run.plan.timesteps]}, phase boundaries {bounds})", flush=True)
-    barrier()
-    return verify(run, out, experts, opts, dtype_name) if opts.verify else None
 
 
 def export_info(run: RunInfo, scheduler: dict[str, Any], bounds: list[float], present: Sequence[str],

@@ -36,6 +36,17 @@ class MetricsLogger:
         if self.run is not None:
             self.run.log({k: v for k, v in scalars.items() if isinstance(v, (int, float))}, step=step)
 
+    def rewind(self, step: int) -> None:
+        """Drop metrics.jsonl rows after ``step`` (a resume repeats the steps after its checkpoint). W&B keeps
+        its rows: a resumed W&B run ignores steps it has already seen, so its curve shows each step once."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = [line for line in self.path.read_text().splitlines(keepends=True)
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
+
     def log_histogram(self, step: int, key: str, values) -> None:
         """A distribution (e.g. the re-noise times of a step) to W&B; metrics.jsonl keeps its summary scalars."""
         if self.run is not None:

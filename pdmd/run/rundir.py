@@ -13,7 +13,9 @@ import hashlib
 import json
 import os
 import shutil
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,22 @@ class RunDir:
         self.checkpoints = self.path / "checkpoints"
         self.metrics = self.path / "metrics.jsonl"
 
+    def check_trusted(self) -> None:
+        """A run directory is trusted input (its checkpoints hold pickled metadata, as torch.load does): refuse one
+        that another user owns or that anyone can write to, where a planted file could run code on load."""
+        if os.name != "posix" or not self.path.exists():
+            return
+        for path in (self.path, self.manifest_path, self.checkpoints):
+            if not path.exists():
+                continue
+            st = path.stat()
+            if st.st_uid != os.getuid() and os.getuid() != 0:
+                raise ValueError(f"{path} belongs to another user (uid {st.st_uid}): a run directory is loaded like "
+                                 "torch.load loads a file; copy it to a directory of yours first")
+            if st.st_mode & 0o002:
+                raise ValueError(f"{path} is writable by every user: a run directory is loaded like torch.load loads "
+                                 f"a file; `chmod o-w {path}` first")
+
     def exists(self) -> bool:
         return self.manifest_path.is_file()
 
@@ -61,15 +79,28 @@ class RunDir:
         atomic_write_json(self.manifest_path, manifest)
 
     def create_or_check(self, plan_config: dict, config_hash: str, student_experts: list[int],
-                        config: dict) -> dict[str, Any]:
-        """A new manifest, or the existing one if it belongs to the same run (same plan and config)."""
+                        config: dict, resume_changes: Callable[[dict], dict | None] | None = None) -> dict[str, Any]:
+        """A new manifest, or the existing one if it belongs to the same run (same plan and config).
+        ``resume_changes(saved_config)`` may accept a changed config (learning rates after a divergence): the
+        change is recorded under the manifest's ``history`` and the new config becomes the run's."""
         if self.exists():
             manifest = self.read()
-            if manifest["config_hash"] != config_hash:
+            changes = None
+            if manifest["config_hash"] != config_hash and resume_changes is not None:
+                changes = resume_changes(manifest.get("config") or {})
+            if changes:
+                step = {e["index"]: e["step"] for e in manifest["phases"]}
+                manifest.setdefault("history", []).append(
+                    {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "phase_steps": step, "changed": changes,
+                     "config_hash": [manifest["config_hash"], config_hash]})
+                manifest["config_hash"], manifest["config"] = config_hash, config
+                self.write(manifest)
+            elif manifest["config_hash"] != config_hash:
                 raise ValueError(
                     f"{self.path} was started with another configuration (hash {manifest['config_hash'][:12]} vs "
                     f"{config_hash[:12]}): resume it with the same recipe and overrides (saved in its manifest "
-                    "under 'config'), or use a new --run-dir")
+                    "under 'config'; only learning rates and checkpoint/log cadence may change on resume), or use a "
+                    "new --run-dir")
             return manifest
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)

@@ -28,6 +28,10 @@ class QwenImageFamily(ModelFamily):
                              f"channels: Qwen-Image packs {cfg.patch_size}x{cfg.patch_size} patches, so in_channels "
                              f"must be {cfg.patch_size ** 2 * cfg.out_channels} (an edit/conditioned model?)")
 
+    @property
+    def text_dim(self) -> int:
+        return self.configs[0].joint_attention_dim
+
     def read_config(self, folder: Path):
         return QwenImageConfig.from_json(folder)
 

@@ -18,6 +18,10 @@ class WanFamily(ModelFamily):
     kind = "wan"
     class_name = "WanTransformer3DModel"
 
+    @property
+    def text_dim(self) -> int:
+        return self.configs[0].text_dim
+
     def read_config(self, folder: Path):
         return WanConfig.from_json(folder)
 

@@ -30,6 +30,7 @@ import torch
 from data.collate import MODELS, collate
 from data.format import embeds_from_bytes
 from data.locate import is_url, join, read_bytes, resolve_dataset
+from data.reader import CorruptShard
 from data.stream import PromptStream, StreamSpec, make_plan, set_worker_threads
 
 log = logging.getLogger("data")
@@ -227,7 +228,7 @@ class PromptLoader:
             if self.on_corrupt_shard is not None:
                 self.on_corrupt_shard(name, reason)
             if len(self.corrupt_shards) > self.config.max_bad_shard_fraction * len(self.shards):
-                raise RuntimeError(
+                raise CorruptShard(
                     f"{len(self.corrupt_shards)} of {len(self.shards)} shards are corrupt "
                     f"({sorted(self.corrupt_shards)[:5]}), more than data.max_bad_shard_fraction="
                     f"{self.config.max_bad_shard_fraction}: delete the bad shards and their .json sidecars and re-run "

@@ -143,7 +143,7 @@ class _Worker:
             else:
                 first = next(iter(self.corrupt.items()))
                 what = "the dataset" if groups is None else f"bucket {self.spec.shards[shard].bucket}"
-                raise RuntimeError(f"every shard of {what} is unreadable (shard {first[0]}: {first[1]}): check "
+                raise CorruptShard(f"every shard of {what} is unreadable (shard {first[0]}: {first[1]}): check "
                                    "the paths or URLs, or rebuild the dataset with tools/make_prompt_shards.py")
         return self._fillers[group]
 

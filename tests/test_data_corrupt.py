@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.loader import PromptDataConfig, PromptLoader
+from data.reader import CorruptShard
 
 B = 3
 
@@ -78,7 +79,7 @@ def test_resume_after_a_bad_shard_is_exact(clean, tmp_path):
 def test_more_bad_shards_than_allowed_fail_clearly(clean, tmp_path):
     shard_dir = damaged(clean[0], tmp_path / "ds")
     loader = PromptLoader(cfg(shard_dir, max_bad_shard_fraction=0.1), dp_rank=0, dp_size=1)
-    with pytest.raises(RuntimeError, match=r"1 of 8 shards are corrupt .* more than data.max_bad_shard_fraction=0.1"):
+    with pytest.raises(CorruptShard, match=r"1 of 8 shards are corrupt .* more than data.max_bad_shard_fraction=0.1"):
         list(loader)
 
 

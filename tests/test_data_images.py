@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from collections import Counter
@@ -81,8 +82,9 @@ def _rows(d: Path) -> list[dict]:
     return rows
 
 
-def _build(root: Path, kind: str, out: Path | None = None, extra: tuple[str, ...] = ()) -> tuple[Path, str]:
-    """Shards through the command-line tool; returns (shard dir, what it printed)."""
+def _build(root: Path, kind: str, out: Path | None = None, extra: tuple[str, ...] = (),
+           code: int = 0) -> tuple[Path, str]:
+    """Shards through the command-line tool, which must exit with ``code``; returns (shard dir, what it printed)."""
     from tools.make_prompt_shards import main
 
     images, out = root / "images", out or root / f"shards-{kind}"
@@ -95,7 +97,7 @@ def _build(root: Path, kind: str, out: Path | None = None, extra: tuple[str, ...
         args += ["--vae", str(root / "vae-ti2v"), "--prompts", str(images / "pairs.csv")]
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert main(args) == 0
+        assert main(args) == code, err.getvalue()
     return out, err.getvalue()
 
 
@@ -233,8 +235,10 @@ def test_rerun_resumes_and_changed_settings_are_refused(built, tmp_path):
     _build(root, "i2v", out=shards)  # the scan comes from images.json, one shard is encoded again
     assert (shards / "shard-000002.tar").is_file()
     assert json.loads((shards / "index.json").read_text())["hash"] == before["hash"]  # byte-identical rewrite
-    with pytest.raises(ValueError, match="other settings.*conditioning"):
-        _build(root, "i2v", out=shards, extra=("--aspect-tolerance", "0.5"))
+    _, err = _build(root, "i2v", out=shards, extra=("--aspect-tolerance", "0.5"), code=2)  # a user error: one line
+    last = err.strip().splitlines()[-1]  # (after the encoder's own loading bar)
+    assert last.startswith("make_prompt_shards: ") and re.search("other settings.*conditioning", last), err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize("dp_size", [1, 2])

@@ -108,6 +108,10 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
         raise ExportError(f"--run {run.path}: no such directory")
     if not run.exists():
         raise ExportError(f"--run {run.path} has no manifest.json: not a run directory (pdmd train --run-dir makes one)")
+    try:
+        run.check_trusted()
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
     manifest = run.read()
     config = manifest["config"]
     kind = config.get("model", {}).get("kind", "wan")

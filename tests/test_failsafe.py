@@ -179,3 +179,17 @@ def test_truncated_newest_checkpoint_falls_back_and_ctrl_c_saves(wan_tiny, tmp_p
     assert read_manifest(run_dir)["phases"][0]["status"] == "done"
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == list(range(1, 7)), steps
+
+
+@pytest.mark.parametrize("case", ["empty", "blank", "not utf-8", "no encoder"])
+def test_make_prompt_shards_input_errors_exit_2_in_one_line(tmp_path, capsys, case):
+    from tools.make_prompt_shards import main
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_bytes({"empty": b"", "blank": b"\n  \n\t\n", "not utf-8": b"a cat\n\xff\xfe dog\n",
+                         "no encoder": b"a cat\n"}[case])
+    code = main(["--prompts", str(prompts), "--out", str(tmp_path / "shards"), "--encoder", "umt5",
+                 "--encoder-path", str(tmp_path / "missing"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("make_prompt_shards: ") and _one_line(err), (case, err)
+    assert not (tmp_path / "shards").exists() or not list((tmp_path / "shards").glob("*.tar"))

@@ -77,8 +77,8 @@ def umt5_shards(wan_tiny) -> tuple[Path, list[str]]:
 def qwen_tiny(tmp_path_factory) -> Tiny:
     """A whole tiny QwenImagePipeline (the teacher of configs/tiny_qwen_image.yaml and the base its
     exports copy) and Qwen2.5-VL shards of the odd prompt list."""
+    from pdmd.bench.tiny_models import write_qwen_base_pipeline
     from tests.tiny_encoders import build_dataset
-    from tests.tiny_run import write_qwen_base_pipeline
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("qwen_tiny")

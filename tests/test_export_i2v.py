@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from pdmd.bench.tiny_models import write_image_pipeline, write_test_image
 from pdmd.core.sampler import euler_sample
 from pdmd.core.schedule import PhasePlan
 from pdmd.core.tensors import rel_err
@@ -29,7 +30,7 @@ from pdmd.export.layout import (
 )
 from pdmd.export.pipelines import DiffusersExperts, ExportedExperts
 from pdmd.sample import encode_image
-from tests.tiny_run import IMAGE_RUN_PIXELS, write_image_pipeline, write_test_image
+from tests.tiny_run import IMAGE_RUN_PIXELS
 
 PLANS = {"i2v": PhasePlan.from_steps(4, 5.0, [2, 2]), "ti2v": PhasePlan.from_steps(4, 5.0, [4])}
 SHAPES = {"i2v": (2, 4, 2, 8, 8), "ti2v": (2, 4, 2, 4, 4)}  # 64 x 64 pixels, 5 frames (8x and 16x VAEs)

@@ -111,7 +111,7 @@ def started(tiny):
     """The module's uninterrupted runs, started together when the first is needed (a single-rank run leaves
     one of 2 cores idle): ``full`` (the Wan contract run with previews, the kill -9 test's reference),
     ``interleaved_full`` (the interleaved schedule's reference) and ``nan`` (every step non-finite)."""
-    from tests.tiny_run import tiny_vae
+    from pdmd.bench.tiny_models import tiny_vae
 
     root, overrides = tiny
     tiny_vae().save_pretrained(root / "vae")  # previews: logging settings are not part of the run's identity

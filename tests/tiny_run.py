@@ -24,6 +24,12 @@ from pathlib import Path
 
 import torch
 
+from pdmd.bench.tiny_models import (  # the pipelines `pdmd tiny` writes, shared
+    write_base_pipeline,
+    write_image_pipeline,
+    write_test_image,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat on a sofa", "a red car in the rain"]
 PHASE3 = ["plan.num_steps=3", "plan.num_phases=3", "plan.renoise_clamp=[[0.875,1.0],null,null]"]
@@ -56,82 +62,6 @@ def cases(root: Path) -> dict[str, list[str]]:
         "sample_narrow_embeds": ["sample", "--run", r, "--embeds", str(root / "narrow.safetensors"),
                                  "--latents", lat, "--out", str(root / "s_bad.safetensors")],
     }
-
-
-def tiny_vae(seed: int = 0):
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                            temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.0],
-                            latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
-
-
-def write_base_pipeline(out: Path) -> Path:
-    """A complete tiny Wan2.2 pipeline folder (the teacher the run distils, and the export's base)."""
-    from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
-
-    from data.tiny_encoders import UMT5_DIM, tiny_parts
-    from pdmd.bench.tiny_models import write_tiny_wan22_teacher
-
-    teacher = write_tiny_wan22_teacher(out.parent / "teacher_parts", text_dim=UMT5_DIM)
-    tokenizer, text_encoder = tiny_parts("umt5")
-    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae(),
-                       scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                                         flow_shift=12.0),
-                       transformer=WanTransformer3DModel.from_pretrained(teacher / "transformer"),
-                       transformer_2=WanTransformer3DModel.from_pretrained(teacher / "transformer_2"),
-                       boundary_ratio=0.875)
-    pipe.save_pretrained(out)
-    return out
-
-
-def tiny_vae_ti2v(seed: int = 0):
-    """A tiny Wan2.2-style residual AutoencoderKLWan (16x spatial with a 2x2 patch, as TI2V-5B's VAE)."""
-    from diffusers import AutoencoderKLWan
-
-    torch.manual_seed(seed)
-    return AutoencoderKLWan(base_dim=8, decoder_base_dim=8, z_dim=4, is_residual=True, in_channels=12,
-                            out_channels=12, patch_size=2, scale_factor_spatial=16, latents_mean=[0.1, -0.2, 0.05, 0.0],
-                            latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
-
-
-def write_image_pipeline(out: Path, kind: str = "i2v", seed: int = 0) -> Path:
-    """A complete tiny WanImageToVideoPipeline folder shaped like the released models, as a teacher.
-
-    ``i2v`` (Wan2.2 I2V-A14B): two experts reading cat([x, mask, image latents]) (in 4 + 4 + 4 = 12, out 4),
-    boundary_ratio 0.9, expand_timesteps false, the 8x tiny VAE. ``ti2v`` (TI2V-5B): one transformer
-    (in = out = 4), expand_timesteps true, the 16x residual VAE. No CLIP image encoder (image_dim None)."""
-    from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
-
-    from data.tiny_encoders import UMT5_DIM, tiny_parts
-    from pdmd.bench.tiny_models import TINY_WAN
-
-    cfg = {**TINY_WAN, "text_dim": UMT5_DIM, "in_channels": 12 if kind == "i2v" else 4, "out_channels": 4}
-    experts = []
-    for i in range(2 if kind == "i2v" else 1):
-        torch.manual_seed(seed + i)
-        experts.append(WanTransformer3DModel(**cfg).eval())
-    tokenizer, text_encoder = tiny_parts("umt5")
-    pipe = WanImageToVideoPipeline(
-        tokenizer=tokenizer, text_encoder=text_encoder, vae=tiny_vae() if kind == "i2v" else tiny_vae_ti2v(),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=5.0),
-        transformer=experts[0], transformer_2=experts[1] if kind == "i2v" else None,
-        boundary_ratio=0.9 if kind == "i2v" else None, expand_timesteps=kind == "ti2v")
-    pipe.save_pretrained(out)
-    return out
-
-
-def write_test_image(path: Path, width: int = 90, height: int = 70, seed: int = 0) -> Path:
-    """A smooth random RGB picture, not of any bucket's size (the crop-resize is exercised)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (height // 8, width // 8, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(small).resize((width, height), Image.BILINEAR).save(path)
-    return path
 
 
 def _train(root: Path, name: str, extra: list[str]) -> None:
@@ -359,30 +289,6 @@ def tiny_run(tmp_path_factory) -> tuple[Path, dict]:
 
 
 # --- Qwen-Image -----------------------------------------------------------------------------------
-def tiny_qwen_vae(seed: int = 0):
-    """A tiny AutoencoderKLQwenImage (z_dim 4, 8x spatial like Qwen-Image's)."""
-    from diffusers import AutoencoderKLQwenImage
-
-    torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
-                                  latents_mean=[0.1, -0.2, 0.05, 0.0], latents_std=[1.5, 0.8, 1.0, 1.2]).eval()
-
-
-def write_qwen_base_pipeline(out: Path) -> Path:
-    """A whole tiny QwenImagePipeline folder (the teacher a Qwen-Image run distils, and what its export
-    copies): pdmd.bench.tiny_models' tiny transformer, the tiny Qwen2.5-VL text encoder and tokenizer, a tiny VAE."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
-
-    from data.tiny_encoders import QWEN_DIM, tiny_parts
-    from pdmd.bench.tiny_models import write_tiny_qwen_image_teacher
-
-    parts = write_tiny_qwen_image_teacher(out.parent / "teacher_parts", text_dim=QWEN_DIM)
-    tokenizer, text_encoder = tiny_parts("qwen2.5-vl")
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
-                                                shift_terminal=0.02)  # Qwen-Image's own kind of schedule
-    QwenImagePipeline(scheduler=scheduler, vae=tiny_qwen_vae(), text_encoder=text_encoder, tokenizer=tokenizer,
-                      transformer=QwenImageTransformer2DModel.from_pretrained(parts / "transformer")).save_pretrained(out)
-    return out
 
 
 QWEN_RUNS = {"run": [], "run1": ["plan.num_phases=1", "train.steps=2", "method.fake_ratio=1"]}

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from data.reader import CorruptShard
 from pdmd import __version__
 from pdmd.core.errors import UserError
+from pdmd.run.console import quiet_known_warnings
 
 EXIT_USAGE = 2  # a mistake in the input: the Slurm scripts never retry it (docs/training.md)
 
@@ -49,6 +50,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_known_warnings()
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)

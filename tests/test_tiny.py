@@ -63,6 +63,8 @@ def test_readme_first_distillation_runs_as_written(tmp_path):
             argv = [sys.executable, *(str(ROOT / a) if a.startswith("tools/") else a for a in argv[1:])]
         proc = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
+        if command.startswith(("pdmd train", "python tools/convert")):  # the known third-party warnings are filtered
+            assert "Warning:" not in proc.stderr, (command, proc.stderr[-3000:])
     assert all(p["status"] == "done" for p in read_manifest(tmp_path / "runs" / "tiny")["phases"])
     assert (tmp_path / "samples" / "fox_0.gif").is_file()
     assert proc.stdout.strip().endswith("(5, 64, 64, 3)")

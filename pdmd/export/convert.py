@@ -60,6 +60,7 @@ from pdmd.export.layout import (
 )
 from pdmd.export.pipelines import ExportedExperts, initial_noise
 from pdmd.export.qwen_image import export_qwen
+from pdmd.run.console import quiet_known_warnings
 
 VERIFY_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 
@@ -267,6 +268,7 @@ def exported_latents(run: RunInfo, out: Path, opts: ExportOptions, dtype_name: s
 
 
 def main(argv: list[str] | None = None) -> int:
+    quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="convert_to_diffusers", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)

@@ -1,0 +1,32 @@
+"""A quiet console: the third-party warnings every command would otherwise print, each filtered for a
+stated reason (only these messages; anything else still shows). Installed by the command entry points."""
+
+from __future__ import annotations
+
+import warnings
+
+# (message regex, category, module regex, why it is safe to hide)
+KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
+    ("Transformer Engine and Apex are not installed", UserWarning, r"megatron\.",
+     "expected without a GPU: megatron-core uses its torch fallbacks (docs/architecture.md, CPU redirections)"),
+    ("Apex is not installed", UserWarning, r"megatron\.",
+     "the same: megatron-core's torch norm is what the CPU path and the local spec use"),
+    ("The .grad attribute of a Tensor that is not a leaf Tensor", UserWarning, r"megatron\.core\.optimizer",
+     "megatron-core's optimizer probes every parameter's .grad; frozen LoRA bases are views, never trained"),
+    (r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated", FutureWarning,
+     r"torch\.distributed", "megatron-core calls torch's older collective names; the results are the same"),
+    ("full scope is deprecated", UserWarning, r"megatron\.core\.transformer",
+     "megatron-core's own default for cuda_graph_scope; we set no CUDA graphs"),
+    (r"`load_state_dict` is deprecated", FutureWarning, r"megatron\.core\.dist_checkpointing",
+     "megatron-core's distributed checkpoint loader calls the old torch API; nothing for a user to change"),
+)
+
+
+def quiet_known_warnings() -> None:
+    """Filter :data:`KNOWN_WARNINGS`; ``PDMD_DEBUG=1`` keeps them."""
+    import os
+
+    if os.environ.get("PDMD_DEBUG"):
+        return
+    for message, category, module, _why in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)

@@ -43,6 +43,7 @@ from pdmd.export.files import (
 )
 from pdmd.export.layout import (
     EXPORT_INFO,
+    LORA_FORMATS,
     ExportError,
     ExportOptions,
     RunInfo,
@@ -72,6 +73,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base-pipeline", help="diffusers Wan pipeline folder to copy text_encoder/, tokenizer/, vae/ "
                    "from (default: the run's teacher folder, for what it has)")
     p.add_argument("--lora-only", action="store_true", help="write per-phase LoRA files (LoRA students) instead")
+    p.add_argument("--lora-format", nargs="+", choices=list(LORA_FORMATS), default=list(LORA_FORMATS),
+                   help="--lora-only: diffusers names (load_lora_weights) and/or ComfyUI's, the original Wan "
+                        "checkpoint's module names (default: both)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the run's model.dtype)")
     p.add_argument("--teacher", help="the run's teacher folder, if it moved since training")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load with (under torchrun)")
@@ -126,7 +130,8 @@ def _write_phases(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: 
         if opts.lora_only:
             state = experts.lora_diffusers(p.index)
             if is_rank0():
-                write_lora(stage / lora_file(p.index), state, dtype, origin)
+                for fmt in opts.lora_formats:
+                    write_lora(stage / lora_file(p.index, fmt), state, dtype, origin, fmt)
         else:
             state = experts.expert_diffusers(p.index)
             if is_rank0():
@@ -139,18 +144,19 @@ def _write_phases(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: 
             print(f"convert_to_diffusers: phase {p.index} -> "
                   f"{out / (lora_file(p.index) if opts.lora_only else folders[p.index])}", flush=True)
     if is_rank0():
-        info = write_pipeline_files(run, stage, scheduler, ratio, base, lora_only=opts.lora_only, dtype_name=dtype_name)
+        info = write_pipeline_files(run, stage, scheduler, ratio, base, lora_only=opts.lora_only, dtype_name=dtype_name,
+                                    lora_formats=opts.lora_formats)
         print(f"convert_to_diffusers: wrote {out} ({info['kind']}; timesteps {[round(t * 1000, 3) for t in run.plan.timesteps]}"
               f", boundary_ratio {ratio})", flush=True)
 
 
 def write_pipeline_files(run: RunInfo, out: Path, scheduler: dict, ratio: float | None, base: Path | None, *,
-                         lora_only: bool, dtype_name: str) -> dict:
+                         lora_only: bool, dtype_name: str, lora_formats: tuple[str, ...] = LORA_FORMATS) -> dict:
     """Everything but the transformers: scheduler, copied components, model_index.json (pipeline layouts)
     and pdmd_export.json; returns the latter."""
     k_count = run.plan.num_phases
     write_scheduler(out, scheduler)
-    info = export_info(run, scheduler, ratio, lora_only=lora_only, dtype=dtype_name)
+    info = export_info(run, scheduler, ratio, lora_only=lora_only, dtype=dtype_name, lora_formats=lora_formats)
     if not lora_only:
         found = base_components(base if base is not None else run.teacher)
         if run.conditioning is not None:  # Wan2.2 I2V/TI2V have no CLIP image encoder; nothing feeds one
@@ -254,7 +260,8 @@ def exported_latents(run: RunInfo, out: Path, opts: ExportOptions, dtype_name: s
                                    scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
                                    boundary_ratio=read_json(out / EXPORT_INFO)["boundary_ratio"])
         for p in run.phases:
-            pipe.load_lora_weights(str(out), weight_name=lora_file(p.index), adapter_name=f"phase{p.index}",
+            pipe.load_lora_weights(str(out), weight_name=lora_file(p.index, opts.lora_formats[0]),
+                                   adapter_name=f"phase{p.index}",
                                    load_into_transformer_2=p.index == 2)
     else:
         pipe = cls.from_pretrained(out, **parts, **dtype_kwarg(dtype))

@@ -101,14 +101,53 @@ def write_transformer(folder: Path, state: Mapping[str, torch.Tensor], config_di
         (folder / (WEIGHTS.format(suffix="") + ".index.json")).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
-def write_lora(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype, info: dict[str, str]) -> None:
-    """A LoRA file in diffusers/peft naming (``transformer.<module>.lora_A.weight``), scale folded into B."""
+def write_lora(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype, info: dict[str, str],
+               fmt: str = "diffusers") -> None:
+    """A LoRA file, scale folded into B: ``diffusers`` names (``transformer.<module>.lora_A.weight``, what
+    ``load_lora_weights`` writes and reads) or ``comfyui`` names (the original Wan checkpoint's modules,
+    ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` / ``lora_up`` / ``alpha``: what ComfyUI and the
+    LoRAs people share use; diffusers converts them on load)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {f"transformer.{k}": v.to(dtype).contiguous() for k, v in state.items()}
+    if fmt == "diffusers":
+        tensors = {f"transformer.{k}": v.to(dtype).contiguous() for k, v in state.items()}
+    elif fmt == "comfyui":
+        tensors = comfyui_wan_lora(state, dtype)
+    else:
+        raise ExportError(f"--lora-format {fmt}: choose diffusers or comfyui")
     save_file(tensors, str(path), metadata={"format": "pt", **{f"pdmd_{k}": str(v) for k, v in info.items()}})
     _readable(path)
+
+
+# diffusers WanTransformer3DModel module -> the original Wan checkpoint's (wan/modules/model.py) module
+WAN_ORIGINAL_MODULES = (
+    (r"attn1\.to_q", "self_attn.q"), (r"attn1\.to_k", "self_attn.k"), (r"attn1\.to_v", "self_attn.v"),
+    (r"attn1\.to_out\.0", "self_attn.o"), (r"attn2\.to_q", "cross_attn.q"), (r"attn2\.to_k", "cross_attn.k"),
+    (r"attn2\.to_v", "cross_attn.v"), (r"attn2\.to_out\.0", "cross_attn.o"), (r"attn2\.add_k_proj", "cross_attn.k_img"),
+    (r"attn2\.add_v_proj", "cross_attn.v_img"), (r"ffn\.net\.0\.proj", "ffn.0"), (r"ffn\.net\.2", "ffn.2"),
+)
+
+
+def comfyui_wan_lora(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """diffusers-named Wan LoRA tensors (``blocks.0.attn1.to_q.lora_A.weight``) under the original checkpoint's
+    names; ``alpha`` = rank, since the scale is already folded into ``lora_up``."""
+    import re
+
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, kind = key.rsplit(".lora_", 1)
+        block, rest = re.match(r"(blocks\.\d+)\.(.+)", module).groups() if module.startswith("blocks.") else ("", module)
+        original = next((new for old, new in WAN_ORIGINAL_MODULES if re.fullmatch(old, rest)), None)
+        if not block or original is None:
+            raise ExportError(f"no original Wan module name for the LoRA module {module!r} (--lora-format comfyui)")
+        name = f"diffusion_model.{block}.{original}"
+        if kind.startswith("A"):
+            out[f"{name}.lora_down.weight"] = value.to(dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]), dtype=dtype)
+        else:
+            out[f"{name}.lora_up.weight"] = value.to(dtype).contiguous()
+    return out
 
 
 def write_scheduler(out: Path, config: dict[str, Any]) -> None:

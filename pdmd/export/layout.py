@@ -32,6 +32,7 @@ SCHEDULE_TOL = 1e-6  # float32 sigmas of the scheduler vs our float64 timesteps
 COMPONENTS = ("text_encoder", "tokenizer", "vae", "image_encoder", "image_processor")
 PIPELINE_CLASSES = ("WanPipeline", "WanImageToVideoPipeline")
 CONDITIONING_KINDS = ("i2v", "ti2v")  # pdmd/core/conditioning.py's KINDS (kept import-free here)
+LORA_FORMATS = ("diffusers", "comfyui")  # --lora-format: diffusers' names, ComfyUI's (the original checkpoint's)
 MASK_CHANNELS = 4  # I2V's mask channels: the 4 pixel frames a latent frame stands for (every Wan VAE)
 
 
@@ -52,6 +53,7 @@ class ExportOptions:
     seed: int = 0  # --verify's noise and prompt-embedding seed
     hash_check: bool = True
     overwrite: bool = False  # replace an --out that is not an export of this run
+    lora_formats: tuple[str, ...] = LORA_FORMATS  # --lora-only: the files written per phase
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> ExportOptions:
@@ -59,7 +61,7 @@ class ExportOptions:
         return cls(run=Path(args.run), out=Path(args.out), base_pipeline=path(args.base_pipeline),
                    lora_only=args.lora_only, dtype=args.dtype, teacher=path(args.teacher), tp=args.tp, pp=args.pp,
                    verify=args.verify, seed=args.seed, hash_check=not args.no_hash_check,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, lora_formats=tuple(args.lora_format))
 
 
 @dataclass(frozen=True)
@@ -283,12 +285,12 @@ def is_wan_pipeline(num_phases: int) -> bool:
     return num_phases in (1, 2)
 
 
-def lora_file(k: int) -> str:
-    return f"phase{k}_lora.safetensors"
+def lora_file(k: int, fmt: str = "diffusers") -> str:
+    return f"phase{k}_lora.safetensors" if fmt == "diffusers" else f"phase{k}_lora_{fmt}.safetensors"
 
 
 def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float | None, *, lora_only: bool,
-                dtype: str) -> dict[str, Any]:
+                dtype: str, lora_formats: Sequence[str] = LORA_FORMATS) -> dict[str, Any]:
     """What ``pdmd_export.json`` records: enough to sample the export with our sampler, and its origin."""
     folders = phase_folders(run.plan.num_phases)
     return {
@@ -309,7 +311,8 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float |
             "index": p.index,
             "steps": list(run.plan.steps_in_phase(p.index)),
             "folder": None if lora_only else folders[p.index],
-            "lora": lora_file(p.index) if lora_only else None,
+            "lora": lora_file(p.index) if lora_only and "diffusers" in lora_formats else None,
+            "lora_comfyui": lora_file(p.index, "comfyui") if lora_only and "comfyui" in lora_formats else None,
             "base": run.subfolders[p.student_expert],
             "pipeline_slot": folders[p.index] if is_wan_pipeline(run.plan.num_phases) else None,
         } for p in run.phases],

@@ -24,6 +24,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.bench.demo", "run the whole method on CPU with tiny models (the README's first command)"),
     ("tiny", "pdmd.bench.tiny", "write a tiny pipeline and prompt shards for a tiny recipe: pdmd tiny [--kind t2v|i2v|ti2v|qwen-image]"),
     ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
+    ("export", "pdmd.export.convert", "a finished run as a diffusers pipeline (or LoRA files): pdmd export --run DIR --out DIR"),
     ("sample", "pdmd.sample", "few-step samples from a run or an export: pdmd sample --run DIR --embeds F --out F"),
     ("bench", "pdmd.bench.cli", "benchmarks of the method: pdmd bench toy (Phased DMD vs DMD2+SGTS on exact ground truth)"),
     ("toy-1d", "pdmd.bench.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),

@@ -308,3 +308,14 @@ def test_qwen_one_phase_export_is_a_plain_qwen_image_pipeline(qwen_runs):
 def test_unsupported_qwen_exports_say_why(qwen_runs):
     result = qwen_runs["export_lora"]
     assert result["code"] == 2 and "merged QwenImagePipeline" in result["stderr"], result["stderr"][-2000:]
+
+
+def test_pdmd_export_is_the_same_command(tiny_wan_run):
+    """`pdmd export` = tools/convert_to_diffusers.py (the README names the tool): same options, exit codes."""
+    root, results = tiny_wan_run
+    assert results["pdmd_export_comfyui"]["code"] == 0, results["pdmd_export_comfyui"]["stderr"]
+    info = json.loads((root / "export_comfyui" / "pdmd_export.json").read_text())
+    assert [p["lora_comfyui"] for p in info["phases"]] == ["phase1_lora_comfyui.safetensors",
+                                                           "phase2_lora_comfyui.safetensors"]
+    assert [p["lora"] for p in info["phases"]] == [None, None]
+    assert not list((root / "export_comfyui").glob("phase*_lora.safetensors"))

@@ -51,6 +51,8 @@ def cases(root: Path) -> dict[str, list[str]]:
         "export3": ["convert", "--run", str(root / "run3"), "--out", str(root / "export3"), "--verify"],
         "sample3": ["sample", "--run", str(root / "run3"), "--embeds", emb, "--latents", lat,
                     "--out", str(root / "s3.safetensors")],
+        "pdmd_export_comfyui": ["export", "--run", r, "--out", str(root / "export_comfyui"), "--lora-only",
+                                "--lora-format", "comfyui"],
         # fail-safe: refused with exit 2, one line, nothing lost or half-written
         "export_into_other_runs": ["convert", "--run", r, "--out", str(root / "export3"), "--lora-only"],
         "export_corrupt_expert": ["convert", "--run", str(root / "run_corrupt"), "--out", str(root / "export_corrupt"),
@@ -93,6 +95,10 @@ def _call(kind: str, argv: list[str]) -> dict:
                 from pdmd.export.convert import main
 
                 code = main(argv)
+            elif kind == "export":  # `pdmd export`, the same command as a subcommand
+                from pdmd.cli import main
+
+                code = main(["export", *argv])
             else:
                 from pdmd.cli import main
 

@@ -274,16 +274,22 @@ def exported_latents(run: RunInfo, out: Path, opts: ExportOptions, dtype_name: s
     return result.float()
 
 
+def run(args: argparse.Namespace) -> int:
+    """`pdmd export`: 0 done (and --verify passed), 1 --verify failed; user errors raise (the CLI exits 2)."""
+    result = export(ExportOptions.from_args(args))
+    return 1 if result is not None and result[0] > result[1] else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    """tools/convert_to_diffusers.py."""
     quiet_known_warnings()
     parser = argparse.ArgumentParser(prog="convert_to_diffusers", description=__doc__.split("\n")[0])
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        result = export(ExportOptions.from_args(args))
+        return run(args)
     except UserError as exc:  # ExportError, ConfigError: one line, exit 2 (PDMD_DEBUG=1 shows the traceback)
         if os.environ.get("PDMD_DEBUG"):
             raise
         print(f"convert_to_diffusers: {exc}", file=sys.stderr)
         return 2
-    return 1 if result is not None and result[0] > result[1] else 0

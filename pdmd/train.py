@@ -136,6 +136,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     steps, n = cfg.train.steps, len(phases)
     total = steps * n  # iterations; each phase gets train.steps generator updates
     bar = _progress(cfg, "+".join(map(str, phases)), start, total)
+    loop_start = time.perf_counter()
     try:
         for it in range(start, total):
             k, step = phases[it % n], it // n
@@ -176,8 +177,9 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             if (step + 1) % cfg.train.log_every == 0:
                 logger.log(global_step, scalars)
                 logger.log_histogram(global_step, f"phase{k}/t", trainer.last_t)
+                eta = (time.perf_counter() - loop_start) / (it + 1 - start) * (total - it - 1)
                 line = (f"phase {k} step {step + 1}/{steps} generator_loss={gen['generator_loss']:.4g} "
-                        f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s)")
+                        f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s; eta {_duration(eta)})")
                 if bar is not None:
                     bar.set_postfix_str(line, refresh=False)
                 elif is_rank0():
@@ -223,6 +225,11 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                              expert_hash=tree_hash(run.expert_dir(k)))
     barrier()
     return 0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 def _load_newest_intact(backend, run: RunDir, checkpoints: list[str]) -> dict:

@@ -52,12 +52,7 @@ OPTIONS = ("prompts", "modes", "groups", "latent_shape", "task_seed", "seeds", "
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdmd.bench.toy import (  # lazy: --help stays fast
-        BenchSettings,
-        TeacherGateFailed,
-        report,
-        run_benchmark,
-    )
+    from pdmd.bench.toy import BenchSettings, run_and_report  # lazy: --help stays fast
 
     settings = BenchSettings.fast() if args.fast else BenchSettings()
     for name in OPTIONS:
@@ -82,12 +77,9 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pdmd bench toy: {exc}", file=sys.stderr)
         return 2
-    try:
-        result = run_benchmark(Path(args.out), settings, progress=sys.stderr.isatty())
-    except TeacherGateFailed as exc:
-        print(f"pdmd bench toy: the teacher is not worth distilling.\n{exc}", file=sys.stderr)
+    result = run_and_report(Path(args.out), settings, "pdmd bench toy")
+    if result is None:
         return 1
-    report(result, Path(args.out))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1, default=float))
     return 0

@@ -13,7 +13,6 @@ everything is cached there, so a rerun only redoes what is missing.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 
@@ -24,20 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pdmd.bench.toy import (  # lazy: --help stays fast
-        BenchSettings,
-        TeacherGateFailed,
-        report,
-        run_benchmark,
-    )
+    from pdmd.bench.toy import BenchSettings, run_and_report  # lazy: --help stays fast
 
     settings = BenchSettings.fast() if args.fast else BenchSettings.demo()
     if args.seeds:
         settings.seeds = tuple(args.seeds)
-    try:
-        result = run_benchmark(Path(args.out), settings, progress=sys.stderr.isatty())
-    except TeacherGateFailed as exc:
-        print(f"pdmd demo: the teacher is not worth distilling.\n{exc}", file=sys.stderr)
-        return 1
-    report(result, Path(args.out))
-    return 0
+    return 0 if run_and_report(Path(args.out), settings, "pdmd demo") is not None else 1

@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
+from data.conditioning import ConditionEncoder, ImageConditioning, load_vae
 from data.encoders import load_prompt_encoder
+from data.images import parse_buckets, read_image_list, scan_images
 from data.prompts import PromptList, demo_prompts_path, read_prompts
 from data.writer import write_prompt_shards
 from pdmd.bench.tiny_models import (
@@ -73,8 +75,6 @@ def write_tiny(kind: str, out: Path) -> dict[str, Path]:
 def _image_shards(kind: str, teacher: Path, shards: Path, prompts: PromptList, out: Path) -> None:
     """Generated pictures (two aspect ratios for I2V's two buckets) paired with the prompts, through
     tools/make_prompt_shards.py's own path (scan, bucket, VAE-encode)."""
-    from data.conditioning import ConditionEncoder, ImageConditioning, load_vae
-    from data.images import parse_buckets, read_image_list, scan_images
 
     side = IMAGE_SIDE[kind]
     images = out / "images"

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from data.tiny_encoders import QWEN_DIM, UMT5_DIM, tiny_parts
+
 TINY_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=4,
                 text_dim=24, freq_dim=32, ffn_dim=48, num_layers=2, rope_max_seq_len=64)
 
@@ -75,7 +77,6 @@ def write_base_pipeline(out: Path) -> Path:
     """A complete tiny Wan2.2 pipeline folder (the teacher the run distils, and the export's base)."""
     from diffusers import UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
-    from data.tiny_encoders import UMT5_DIM, tiny_parts
 
     teacher = write_tiny_wan22_teacher(out.parent / "teacher_parts", text_dim=UMT5_DIM)
     tokenizer, text_encoder = tiny_parts("umt5")
@@ -105,7 +106,6 @@ def write_image_pipeline(out: Path, kind: str = "i2v", seed: int = 0) -> Path:
     (in = out = 4), expand_timesteps true, the 16x residual VAE. No CLIP image encoder (image_dim None)."""
     from diffusers import UniPCMultistepScheduler, WanImageToVideoPipeline, WanTransformer3DModel
 
-    from data.tiny_encoders import UMT5_DIM, tiny_parts
 
     cfg = {**TINY_WAN, "text_dim": UMT5_DIM, "in_channels": 12 if kind == "i2v" else 4, "out_channels": 4}
     experts = []
@@ -145,7 +145,6 @@ def write_qwen_base_pipeline(out: Path) -> Path:
     copies): pdmd.bench.tiny_models' tiny transformer, the tiny Qwen2.5-VL text encoder and tokenizer, a tiny VAE."""
     from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline, QwenImageTransformer2DModel
 
-    from data.tiny_encoders import QWEN_DIM, tiny_parts
 
     parts = write_tiny_qwen_image_teacher(out.parent / "teacher_parts", text_dim=QWEN_DIM)
     tokenizer, text_encoder = tiny_parts("qwen2.5-vl")

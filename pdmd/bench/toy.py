@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -534,6 +535,17 @@ def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
                f"{b['coverage']:.3f}, spread ratio {a['spread_ratio']:.3f} vs {b['spread_ratio']:.3f}.", ""]
     md += [task.describe(), "", f"Wall time: {result['wall_seconds']:.0f} s. Plots: " + ", ".join(p.name for p in plots) + "."]
     (out / "results.md").write_text("\n".join(md) + "\n")
+
+
+def run_and_report(out: Path, settings: BenchSettings, command: str) -> dict[str, Any] | None:
+    """Run the benchmark and print its report; None (after saying why) when the teacher fails its gate."""
+    try:
+        result = run_benchmark(out, settings, progress=sys.stderr.isatty())
+    except TeacherGateFailed as exc:
+        print(f"{command}: the teacher is not worth distilling.\n{exc}", file=sys.stderr)
+        return None
+    report(result, out)
+    return result
 
 
 def report(result: dict[str, Any], out: Path) -> None:

@@ -119,7 +119,7 @@ def _finite_checkpoint(step_dir: Path) -> bool:
 
 def test_divergence_keeps_finite_checkpoints_and_resumes_with_a_lower_lr(wan_tiny, tmp_path):
     run_dir = tmp_path / "diverging"
-    common = [*wan_tiny.overrides, "train.steps=6", "train.checkpoint_every=1", "train.keep_last=3",
+    common = [*wan_tiny.overrides, "train.steps=4", "train.checkpoint_every=1", "train.keep_last=3",
               "train.max_bad_steps=2", "plan.num_phases=1", "plan.num_steps=2", "plan.renoise_clamp=null"]
     proc = _train(run_dir, [*common, "student.lr=1e30", "fake.lr=1e30"])
     assert proc.returncode == 3, proc.stderr[-3000:]
@@ -142,8 +142,22 @@ def test_divergence_keeps_finite_checkpoints_and_resumes_with_a_lower_lr(wan_tin
     assert changed["student.lr"] == [1e30, 1e-4] and changed["fake.lr"] == [1e30, 1e-4]
     steps = [r["step"] for r in read_metrics(run_dir)]
     assert steps == sorted(set(steps)), "metrics.jsonl repeats steps after the resume"
-    proc = _train(run_dir, [*common, "student.lr=1e-4", "fake.lr=1e-4", "method.fake_ratio=3"])
-    assert proc.returncode == 2 and "another configuration" in proc.stderr  # what defines the result is fixed
+
+
+def test_only_learning_rates_and_cadence_may_change_on_resume(wan_tiny, tmp_path):
+    from pdmd.core.config import load_config
+    from pdmd.run.rundir import RunDir
+
+    def check(*extra: str) -> dict:
+        cfg = load_config(RECIPE, [*wan_tiny.overrides, *extra])
+        return RunDir(tmp_path / "run").create_or_check(cfg.phase_plan().to_config(), cfg.hash(), [0, 1],
+                                                        cfg.to_dict(), resume_changes=cfg.resume_changes)
+
+    check("student.lr=1e30")
+    manifest = check("student.lr=1e-4", "train.keep_last=5")
+    assert manifest["history"][-1]["changed"] == {"student.lr": [1e30, 1e-4], "train.keep_last": [2, 5]}
+    with pytest.raises(ValueError, match="another configuration"):  # what defines the result is fixed
+        check("student.lr=1e-4", "train.keep_last=5", "method.fake_ratio=3")
 
 
 def test_truncated_newest_checkpoint_falls_back_and_ctrl_c_saves(wan_tiny, tmp_path):

@@ -373,8 +373,9 @@ class MegatronBackend:
                            group=parallel_state.get_pipeline_model_parallel_group())
         # A non-finite loss or gradient on ANY rank skips the update on every rank (the optimizer step is
         # collective), so no parameter or Adam moment ever becomes non-finite.
-        bad = torch.tensor([0.0 if torch.isfinite(loss) and _grads_finite(trainable.model) else 1.0],
-                           device=self.device)
+        grads = (getattr(p, "main_grad", None) for p in trainable.model.parameters() if p.requires_grad)
+        ok = torch.isfinite(loss).all() & _all_finite((g for g in grads if g is not None), self.device)
+        bad = (~ok).float().reshape(1)  # one device flag: no host sync per tensor on the step's hot path
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item():
             trainable.ddp.zero_grad_buffer()
@@ -387,9 +388,13 @@ class MegatronBackend:
     def params_finite(self) -> bool:
         """Whether every trainable role's parameters and Adam moments are finite on every rank (checked before
         a checkpoint is written: a non-finite state is never saved)."""
-        ok = all(_tensors_finite(tr.model.parameters()) and _optimizer_finite(tr.optimizer)
-                 for tr in self._all_trainables().values())
-        flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
+        tensors = []
+        for tr in self._all_trainables().values():
+            inner = getattr(tr.optimizer, "optimizer", tr.optimizer)  # Megatron wraps the torch optimizer
+            tensors += list(tr.model.parameters())
+            tensors += [v for state in inner.state.values() for v in state.values()
+                        if torch.is_tensor(v) and v.is_floating_point()]  # Adam moments, fp32 main params
+        flag = (~_all_finite(tensors, self.device)).float().reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return not flag.item()
 
@@ -444,18 +449,9 @@ class MegatronBackend:
         return model
 
 
-def _grads_finite(model: torch.nn.Module) -> bool:
-    """This rank's reduced gradients (Megatron's ``main_grad`` buffers) are all finite."""
-    grads = [getattr(p, "main_grad", None) for p in model.parameters() if p.requires_grad]
-    return _tensors_finite(g for g in grads if g is not None)
-
-
-def _tensors_finite(tensors) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
-
-
-def _optimizer_finite(optimizer) -> bool:
-    """Every tensor of this rank's optimizer state (Adam moments, fp32 main params) is finite."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # Megatron wraps the torch optimizer
-    return all(_tensors_finite(v for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
-               for state in inner.state.values())
+def _all_finite(tensors, device: torch.device) -> torch.Tensor:
+    """Whether every tensor is finite, as one boolean tensor on ``device`` (read once by the caller)."""
+    ok = torch.ones((), dtype=torch.bool, device=device)
+    for t in tensors:
+        ok &= torch.isfinite(t).all().to(device)
+    return ok

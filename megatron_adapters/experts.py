@@ -27,7 +27,7 @@ from megatron_adapters.layers.lora import LoRAConfig, apply_lora
 from pdmd.core.conditioning import Conditioning
 from pdmd.core.config import ConfigError, load_config
 from pdmd.core.distributed import is_rank0
-from pdmd.core.errors import ExportError
+from pdmd.core.errors import ExportError, last_line
 
 
 class PhaseCheckpoints(Protocol):
@@ -98,7 +98,7 @@ class RunExperts:
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
             raise ExportError(self._diagnose(phase.expert_dir, phase.student_expert, "model.", k) or
-                              f"phase {k}: loading {phase.expert_dir} failed ({_reason(exc)}): is the checkpoint "
+                              f"phase {k}: loading {phase.expert_dir} failed ({last_line(exc)}): is the checkpoint "
                               "complete? Copy it again or retrain the phase") from exc
         built = _tensor_keys(model.sharded_state_dict(prefix="model."))
         if dist.is_initialized() and dist.get_world_size() > 1:  # each rank builds only its TP/PP part
@@ -165,7 +165,7 @@ class RunExperts:
                 raise
             raise ExportError(self._diagnose(step, phase.student_expert, "student.model.", k, lora=True) or
                               f"phase {k}: reading the adapters from {step} failed (student.lora = {self.run.lora}): "
-                              f"{_reason(exc)}") from exc
+                              f"{last_line(exc)}") from exc
         # the result also carries the checkpoint's common (non-sharded) state: keep what was asked for
         return {key[len("student.model."):]: loaded[key].detach().cpu() for key in sharded}, _stage(model)
 
@@ -226,12 +226,6 @@ class RunExperts:
         if cond is None:
             return self.backend.velocity(f"expert:{k}", x, t, text)
         return self.backend.velocity(f"expert:{k}", x, t, text, cond)
-
-
-def _reason(exc: BaseException) -> str:
-    """The last line of an error: torch's CheckpointException carries every rank's whole traceback."""
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1][:300] if lines else type(exc).__name__
 
 
 def _stage(model: torch.nn.Module) -> tuple[int, int]:

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 from collections.abc import Sequence
 
 from data.reader import CorruptShard
 from pdmd import __version__
 from pdmd.core.errors import UserError
-from pdmd.run.console import quiet_known_warnings
-
-EXIT_USAGE = 2  # a mistake in the input: the Slurm scripts never retry it (docs/training.md)
+from pdmd.run.console import quiet_known_warnings, report_user_error
 
 SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("demo", "pdmd.bench.demo", "run the whole method on CPU with tiny models (the README's first command)"),
@@ -67,10 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args._run(args) or 0)
     except (UserError, CorruptShard) as exc:  # every command's user errors: one line, exit 2 (never retried)
-        if os.environ.get("PDMD_DEBUG"):
-            raise
-        print(f"pdmd {args.command}: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return report_user_error(f"pdmd {args.command}", exc)
 
 
 if __name__ == "__main__":

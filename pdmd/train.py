@@ -26,9 +26,10 @@ from data.reader import CorruptShard
 from pdmd.core.conditioning import Conditioning
 from pdmd.core.config import ConfigError, RunConfig, load_config, lr_at
 from pdmd.core.distributed import barrier, is_rank0
-from pdmd.core.errors import UserError
+from pdmd.core.errors import UserError, last_line
 from pdmd.core.method import PhaseTrainer
 from pdmd.export.pipelines import decode, save_media, vae_folder
+from pdmd.run.console import report_user_error
 from pdmd.run.metrics import MetricsLogger
 from pdmd.run.rundir import RunDir, tree_hash
 
@@ -192,12 +193,13 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             due = done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None
             # never from a state that is not known good: after a skipped step the save waits for a good one
             # (a signal saves anyway: the counter travels with it); never with a non-finite parameter or moment
-            if due and (bad[k] == 0 or signalled is not None) and not backend.params_finite():
+            save = due and (bad[k] == 0 or signalled is not None)
+            if save and not backend.params_finite():
                 run.update_phase(k, status="failed")
                 raise TrainingDiverged(f"phase {k}: a parameter or optimizer moment became non-finite at step {done}; "
                                        "no checkpoint was written from it. Resume from the last good checkpoint "
                                        "with a lower student.lr / fake.lr")
-            if due and (bad[k] == 0 or signalled is not None):
+            if save:
                 backend.save(run.step_dir(owner, done), {"step": done, "loader": loader.state_dict(), "phase": owner,
                                                          "phases": phases,
                                                          "bad_steps": {str(j): n for j, n in bad.items()}})
@@ -241,8 +243,7 @@ def _load_newest_intact(backend, run: RunDir, checkpoints: list[str]) -> dict:
             raise
         except BaseException as exc:  # torch's CheckpointException is a BaseException
             if is_rank0():
-                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1][:300]
-                print(f"pdmd train: checkpoint {run.path / rel} does not load ({reason}); trying the one before it",
+                print(f"pdmd train: checkpoint {run.path / rel} does not load ({last_line(exc)}); trying the one before it",
                       file=sys.stderr, flush=True)
     raise NoReadableCheckpoint(f"none of the kept checkpoints of {run.path} loads ({', '.join(checkpoints)}): restore "
                                "one, or remove the phase's 'checkpoints' entries in manifest.json to restart the phase")
@@ -376,9 +377,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdmd train: {exc}", file=sys.stderr)
         return EXIT_DIVERGED
     except (UserError, ValueError, FileNotFoundError, CorruptShard) as exc:
-        # Mistakes a user can act on (bad layout, unfinished earlier phase, changed run, a truncated shard):
-        # one line, no retry (PDMD_DEBUG=1 shows the traceback).
-        if os.environ.get("PDMD_DEBUG"):
-            raise
-        print(f"pdmd train: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        # Mistakes a user can act on (bad layout, unfinished earlier phase, changed run, a truncated shard).
+        return report_user_error("pdmd train", exc)

@@ -16,7 +16,6 @@ Re-running on the same --out folder resumes: finished shards are skipped.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +29,7 @@ from data.encoders import (
 )
 from data.prompts import read_prompts
 from data.writer import write_prompt_shards
+from pdmd.run.console import report_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,10 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _write(args)
     except (ValueError, OSError, UnicodeDecodeError) as exc:  # data/ reports every input problem as one of these
-        if os.environ.get("PDMD_DEBUG"):
-            raise
-        print(f"make_prompt_shards: {exc}", file=sys.stderr)
-        return 2
+        return report_user_error("make_prompt_shards", exc)
 
 
 def _write(args: argparse.Namespace) -> int:

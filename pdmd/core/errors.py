@@ -14,3 +14,9 @@ class ConfigError(UserError):
 
 class ExportError(UserError):
     """A run, checkpoint or schedule that cannot be exported as asked; the message says what to do."""
+
+
+def last_line(exc: BaseException, limit: int = 300) -> str:
+    """An error's last non-empty line: torch's CheckpointException carries every rank's whole traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1][:limit] if lines else type(exc).__name__

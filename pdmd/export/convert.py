@@ -16,8 +16,6 @@ image to the pipeline, which encodes it itself.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 from pathlib import Path
 
 import torch
@@ -61,7 +59,7 @@ from pdmd.export.layout import (
 )
 from pdmd.export.pipelines import ExportedExperts, initial_noise
 from pdmd.export.qwen_image import export_qwen
-from pdmd.run.console import quiet_known_warnings
+from pdmd.run.console import quiet_known_warnings, report_user_error
 
 VERIFY_TOL = {"fp32": 1e-4, "bf16": 5e-2}
 
@@ -288,8 +286,5 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return run(args)
-    except UserError as exc:  # ExportError, ConfigError: one line, exit 2 (PDMD_DEBUG=1 shows the traceback)
-        if os.environ.get("PDMD_DEBUG"):
-            raise
-        print(f"convert_to_diffusers: {exc}", file=sys.stderr)
-        return 2
+    except UserError as exc:  # ExportError, ConfigError: one line, exit 2
+        return report_user_error("convert_to_diffusers", exc)

@@ -3,6 +3,8 @@ stated reason (only these messages; anything else still shows). Installed by the
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 
 # (message regex, category, module regex, why it is safe to hide)
@@ -24,9 +26,21 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
 
 def quiet_known_warnings() -> None:
     """Filter :data:`KNOWN_WARNINGS`; ``PDMD_DEBUG=1`` keeps them."""
-    import os
-
-    if os.environ.get("PDMD_DEBUG"):
+    if debugging():
         return
     for message, category, module, _why in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
+def debugging() -> bool:
+    """``PDMD_DEBUG=1``: show tracebacks and third-party warnings."""
+    return bool(os.environ.get("PDMD_DEBUG"))
+
+
+def report_user_error(command: str, exc: BaseException) -> int:
+    """Inside an ``except``: a user's mistake as one line on stderr and exit code 2 (never retried), or the
+    traceback again with ``PDMD_DEBUG=1``."""
+    if debugging():
+        raise  # noqa: PLE0704 - re-raises the exception being handled by the caller
+    print(f"{command}: {exc}", file=sys.stderr)
+    return 2

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from pdmd.run.rundir import atomic_write_text
+
 
 class MetricsLogger:
     def __init__(self, path: Path, wandb_cfg, run_id: str, config: dict[str, Any], rank: int = 0) -> None:
@@ -43,9 +45,7 @@ class MetricsLogger:
             return
         kept = [line for line in self.path.read_text().splitlines(keepends=True)
                 if line.strip() and json.loads(line).get("step", 0) <= step]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(kept))
 
     def log_histogram(self, step: int, key: str, values) -> None:
         """A distribution (e.g. the re-noise times of a step) to W&B; metrics.jsonl keeps its summary scalars."""

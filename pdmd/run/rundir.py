@@ -23,13 +23,18 @@ MANIFEST = "manifest.json"
 STATUSES = ("pending", "running", "done", "failed")
 
 
-def atomic_write_json(path: Path, data: Any) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a temp file beside ``path``, fsync, rename: a reader sees the old file or the new one, never half."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
 def tree_hash(folder: Path) -> str:

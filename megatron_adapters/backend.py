@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -106,7 +107,8 @@ def _load_optimizer(optimizer, state) -> None:
 
 
 class Trainable:
-    """A trainable role: its model, DDP wrapper and Megatron optimizer."""
+    """A trainable role: its model, DDP wrapper and Megatron optimizer, and (``optim.ema`` > 0) an fp32
+    moving average of its trainable parameters, which is what the phase exports."""
 
     def __init__(self, name: str, model, config, optim) -> None:
         self.name, self.model = name, model
@@ -116,6 +118,64 @@ class Trainable:
                              weight_decay=optim.weight_decay, clip_grad=optim.grad_clip,
                              bf16=config.bf16, params_dtype=config.params_dtype, use_distributed_optimizer=True)
         self.optimizer = get_megatron_optimizer(oc, [self.ddp])
+        self.ema_decay = float(getattr(optim, "ema", 0.0))
+        self.ema_updates = 0
+        # Keyed by parameter name; only what trains (a LoRA student: its adapters) is averaged.
+        self.ema = ({n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
+                    if self.ema_decay else {})
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """Fold the parameters after an optimizer step into the average (diffusers' EMAModel warm-up: the
+        first updates move it fast, so the starting weights do not linger in it)."""
+        if not self.ema:
+            return
+        decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+        for n, p in self.model.named_parameters():
+            if n in self.ema:
+                self.ema[n].lerp_(p.detach().float(), 1 - decay)
+        self.ema_updates += 1
+
+    @contextmanager
+    def averaged(self):
+        """The model with the average's weights in place of its own (restored after)."""
+        if not self.ema:
+            yield self.model
+            return
+        params = {n: p for n, p in self.model.named_parameters() if n in self.ema}
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(self.ema[n])
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    def ema_sharded_state_dict(self, prefix: str) -> dict:
+        """The average as the model's own sharded tensors (same keys, layouts and resharding), holding the
+        fp32 average instead of the weights; loading fills the average in place."""
+        params = {n: p for n, p in self.model.named_parameters() if n in self.ema}
+        originals = {n: p.data for n, p in params.items()}
+        ours = {t.data_ptr(): t for t in self.ema.values()}
+        kept = {}
+        try:
+            for n, p in params.items():
+                p.data = self.ema[n]
+            for key, value in self.model.sharded_state_dict(prefix=prefix).items():
+                data = getattr(value, "data", None)
+                if torch.is_tensor(data) and data.data_ptr() in ours:
+                    value.data = ours[data.data_ptr()]  # the average itself, not the (restored) parameter
+                    kept[key] = value
+        finally:
+            for n, p in params.items():
+                p.data = originals[n]
+        if len(kept) != len(self.ema):
+            raise RuntimeError(f"{self.name}: {len(self.ema)} averaged parameters but {len(kept)} checkpoint tensors "
+                               "hold them; the moving average cannot be checkpointed for this model")
+        return kept
 
 
 class MegatronBackend:
@@ -382,6 +442,8 @@ class MegatronBackend:
             trainable.optimizer.zero_grad()
             return {"loss": loss.item(), "grad_norm": float("nan"), "skipped": 1.0}
         ok, grad_norm, _ = trainable.optimizer.step()
+        if ok:
+            trainable.update_ema()
         return {"loss": loss.item(), "grad_norm": float(grad_norm or 0.0),
                 "skipped": float(not ok)}
 
@@ -412,35 +474,52 @@ class MegatronBackend:
             state[f"{name}.model"] = model_sd
             state[f"{name}.optim"] = tr.optimizer.sharded_state_dict(
                 model_sd, is_loading=is_loading, metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+            if tr.ema:
+                state[f"{name}.ema"] = tr.ema_sharded_state_dict(prefix=f"{name}.ema.")
         return state
 
     def save(self, path: str | Path, extra: dict) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         dist_checkpointing.save(self._sharded(is_loading=False), str(path))
+        ema = {name: tr.ema_updates for name, tr in self._all_trainables().items() if tr.ema}
         if dist.get_rank() == 0:
-            (path / "trainer_state.json").write_text(json.dumps(extra, sort_keys=True))
+            (path / "trainer_state.json").write_text(json.dumps({**extra, "ema_updates": ema} if ema else extra,
+                                                                sort_keys=True))
         dist.barrier()
 
     def load(self, path: str | Path) -> dict:
         path = Path(path)
-        loaded = dist_checkpointing.load(self._sharded(is_loading=True), str(path))
-        for name, tr in self._all_trainables().items():
+        trainables = self._all_trainables()
+        extra = json.loads((path / "trainer_state.json").read_text())
+        missing = [name for name, tr in trainables.items() if tr.ema and name not in extra.get("ema_updates", {})]
+        if missing:  # student.ema is part of the run's identity, so only a hand-edited run gets here
+            raise ValueError(f"checkpoint {path} has no moving average for {', '.join(missing)}")
+        sharded = self._sharded(is_loading=True)
+        loaded = dist_checkpointing.load(sharded, str(path))
+        for name, tr in trainables.items():
             prefix = f"{name}.model."
             tr.model.load_state_dict({k[len(prefix):]: v for k, v in loaded[f"{name}.model"].items()}, strict=True)
             _load_optimizer(tr.optimizer, loaded[f"{name}.optim"])
-        return json.loads((path / "trainer_state.json").read_text())
+            if tr.ema:
+                by_ptr = {t.data_ptr(): t for t in tr.ema.values()}
+                with torch.no_grad():
+                    for key, target in sharded[f"{name}.ema"].items():
+                        by_ptr[target.data.data_ptr()].copy_(loaded[f"{name}.ema"][key])
+                tr.ema_updates = extra["ema_updates"][name]
+        return {k: v for k, v in extra.items() if k != "ema_updates"}
 
     def save_expert(self, path: str | Path) -> None:
-        """The phase's final student as a plain (LoRA-merged) model checkpoint, at any later layout."""
-        student = self.trainables["student"].model
-        merged = _merge_lora(student) if lora_modules(student) else None
-        if merged is not None:
-            plain = self.build_model(self.student_expert)
-            check_and_load(plain, merged, "merging the LoRA student")
-            student = plain
-        Path(path).mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(student.sharded_state_dict(prefix="model."), str(path))
+        """The phase's final student (its moving average when ``student.ema`` > 0) as a plain (LoRA-merged)
+        model checkpoint, at any later layout."""
+        with self.trainables["student"].averaged() as student:
+            merged = _merge_lora(student) if lora_modules(student) else None
+            if merged is not None:
+                plain = self.build_model(self.student_expert)
+                check_and_load(plain, merged, "merging the LoRA student")
+                student = plain
+            Path(path).mkdir(parents=True, exist_ok=True)
+            dist_checkpointing.save(student.sharded_state_dict(prefix="model."), str(path))
 
     def load_expert(self, expert: int, path: str | Path, fp8: bool = False) -> torch.nn.Module:
         model = self.build_model(expert, fp8)

@@ -91,3 +91,53 @@ def test_recompute_trains_a_lora_student_like_no_recompute(wan_tiny):
     (out,) = run_ranks(_lora_grad_norms, 1, [*wan_tiny.overrides, "student.lora.rank=4"])
     assert out["none"] > 0
     assert out["full"] == pytest.approx(out["none"], rel=1e-5)
+
+
+def _ema(rank, world_size, overrides, tmp):
+    from megatron_adapters.backend import MegatronBackend
+    from megatron_adapters.layers.lora import lora_modules
+    from pdmd.core.config import load_config
+
+    cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml", [*overrides, "student.ema=0.9"])
+    backend = MegatronBackend(cfg)
+    backend.setup_phase(1, 0, {}, cfg.phase_plan().renoise_interval(1))
+    student = backend.trainables["student"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, *cfg.train.latent_shape, generator=g)
+    text = torch.randn(2, 32, 24, generator=g)
+    trained = {n: p for n, p in student.model.named_parameters() if p.requires_grad}
+    expected = {n: p.detach().clone() for n, p in trained.items()}
+    for n in range(3):
+        target = torch.randn(2, *cfg.train.latent_shape, generator=g)
+        backend.train_step("student", x, torch.full((2,), 0.95), text,
+                           lambda v, idx, target=target: ((v - target[idx]) ** 2).mean())
+        decay = min(0.9, (1 + n) / (10 + n))  # the documented warm-up
+        for name, p in trained.items():
+            expected[name] = decay * expected[name] + (1 - decay) * p.detach()
+    out = {"averaged_only_adapters": sorted(student.ema) == sorted(trained) and all(".lora_" in n for n in trained),
+           "ema_matches": all(torch.allclose(student.ema[n], expected[n], atol=1e-7) for n in trained),
+           "ema_differs_from_last": any(not torch.equal(student.ema[n], trained[n].detach()) for n in trained)}
+    last = {n: p.detach().clone() for n, p in trained.items()}
+    backend.save_expert(tmp / "expert")
+    out["live_weights_restored"] = all(torch.equal(trained[n].detach(), last[n]) for n in trained)
+    module = lora_modules(student.model)[0]
+    name = next(n for n, m in student.model.named_modules() if m is module)
+    saved = backend.load_expert(0, tmp / "expert").state_dict()[f"{name}.weight"]
+    merged = module.base.weight + module.scale * (expected[f"{name}.lora_B"] @ expected[f"{name}.lora_A"])
+    out["expert_is_the_average"] = torch.allclose(saved, merged, atol=1e-6)
+    backend.save(tmp / "ckpt", {"step": 3})
+    kept = {n: v.clone() for n, v in student.ema.items()}
+    for v in student.ema.values():
+        v.zero_()
+    student.ema_updates = 0
+    extra = backend.load(tmp / "ckpt")
+    out["checkpoint_round_trip"] = (extra == {"step": 3} and student.ema_updates == 3
+                                    and all(torch.equal(student.ema[n], kept[n]) for n in kept))
+    return out
+
+
+def test_student_ema_is_what_the_phase_exports_and_checkpoints(wan_tiny, tmp_path):
+    """``student.ema``: the average of the adapters after each update (with its warm-up), exported as the
+    phase's expert while the live weights keep training, and saved and restored with the checkpoint."""
+    (out,) = run_ranks(_ema, 1, wan_tiny.overrides, tmp_path)
+    assert all(out.values()), out

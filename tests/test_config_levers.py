@@ -33,10 +33,11 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     assert "beta1" not in ident["student"] and "exact" not in ident["model"]["teacher"]
     assert "sgts_min_step" not in ident["method"] and "fake_warmup" not in ident["method"]
     for key, value in (("student.beta1", "0.9"), ("fake.beta1", "0.5"), ("method.sgts_min_step", "2"),
-                       ("method.fake_warmup", "10"), ("student.lr_decay", "linear"), ("fake.lr_decay", "cosine")):
+                       ("method.fake_warmup", "10"), ("student.lr_decay", "linear"), ("fake.lr_decay", "cosine"),
+                       ("student.ema", "0.99")):
         changed = _cfg(teacher, f"{key}={value}")
         assert changed.hash() != base.hash(), key
-    assert len(LATER_KEYS) == 7
+    assert len(LATER_KEYS) == 9
 
 
 @pytest.mark.parametrize("override, message", [
@@ -44,6 +45,8 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     ("method.sgts_min_step=5", "method.sgts_min_step=5"),
     ("method.fake_warmup=-1", "method.fake_warmup=-1 must be an integer >= 0"),
     ("student.lr_decay=step", "student.lr_decay='step': choose one of"),
+    ("student.ema=1.0", "student.ema=1.0 must be in"),
+    ("fake.ema=0.9", "fake.ema: only the student keeps a moving average"),
     ("model.teacher.exact=/no/such/file.safetensors", "model.teacher.exact=/no/such/file.safetensors: no such file"),
 ])
 def test_bad_lever_values_name_the_key(teacher, override, message):

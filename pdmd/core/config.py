@@ -105,6 +105,9 @@ class OptimConfig:
     # lr over each phase's generator updates: constant, or decayed to 0 at the phase's end (linear /
     # cosine). A decayed student ends where its last updates average out (docs/benchmarks.md, issue 17).
     lr_decay: str = "constant"
+    # Students only: the exported expert is an exponential moving average of the student's weights with
+    # this decay (0 = the last iterate), DMD2's practice; warmed up as min(ema, (1 + n) / (10 + n)).
+    ema: float = 0.0
     lora: LoRASection | None = None  # students only: None trains all parameters
 
 
@@ -202,6 +205,8 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {
     ("method", "fake_warmup"): 0,
     ("student", "lr_decay"): "constant",
     ("fake", "lr_decay"): "constant",
+    ("student", "ema"): 0.0,
+    ("fake", "ema"): 0.0,
 }
 
 # What a run may change when it resumes (recorded in the manifest's history): learning rates (to continue a
@@ -444,6 +449,10 @@ def validate(cfg: RunConfig) -> None:
         _positive(getattr(cfg, section).lr, f"{section}.lr")
         if getattr(cfg, section).lr_decay not in LR_DECAYS:
             raise ConfigError(f"{section}.lr_decay={getattr(cfg, section).lr_decay!r}: choose one of {list(LR_DECAYS)}")
+    if not isinstance(cfg.student.ema, (int, float)) or not 0 <= cfg.student.ema < 1:
+        raise ConfigError(f"student.ema={cfg.student.ema!r} must be in [0, 1) (0 = export the last iterate)")
+    if cfg.fake.ema:
+        raise ConfigError("fake.ema: only the student keeps a moving average (set fake.ema=0)")
     if cfg.fake.lora is not None:
         raise ConfigError("fake.lora: the fake score trains all parameters (set fake.lora=null)")
     t = cfg.train

@@ -319,7 +319,7 @@ def train(cfg: RunConfig, run_dir: str, phase: str = "all") -> int:
         plan = cfg.phase_plan()
         if is_rank0():
             run.create_or_check(plan.to_config(), cfg.hash(), student_experts(cfg, backend), cfg.to_dict(),
-                                resume_changes=cfg.resume_changes)
+                                cfg.content(), resume_changes=cfg.resume_changes)
         barrier()
         manifest = run.read()
         if phase == "all":

@@ -151,7 +151,8 @@ def test_only_learning_rates_and_cadence_may_change_on_resume(wan_tiny, tmp_path
     def check(*extra: str) -> dict:
         cfg = load_config(RECIPE, [*wan_tiny.overrides, *extra])
         return RunDir(tmp_path / "run").create_or_check(cfg.phase_plan().to_config(), cfg.hash(), [0, 1],
-                                                        cfg.to_dict(), resume_changes=cfg.resume_changes)
+                                                        cfg.to_dict(), cfg.content(),
+                                                        resume_changes=cfg.resume_changes)
 
     check("student.lr=1e30")
     manifest = check("student.lr=1e-4", "train.keep_last=5")

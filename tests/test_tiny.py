@@ -50,7 +50,8 @@ def _readme_commands() -> list[str]:
 
 def test_readme_first_distillation_runs_as_written(tmp_path):
     """The README's first-distillation block, line by line, in a fresh working directory that has only the
-    recipes (the recipe's relative paths are where `pdmd tiny` writes); `pdmd` is this checkout's CLI."""
+    recipes (the recipe's relative paths are where `pdmd tiny` writes); `pdmd` is this checkout's CLI. The
+    manifest holds absolute paths: the same run is found from another directory."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     env = subprocess_env(MASTER_PORT=str(free_port()))
     commands = _readme_commands()
@@ -65,6 +66,13 @@ def test_readme_first_distillation_runs_as_written(tmp_path):
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         if command.startswith(("pdmd train", "python tools/convert")):  # the known third-party warnings are filtered
             assert "Warning:" not in proc.stderr, (command, proc.stderr[-3000:])
-    assert all(p["status"] == "done" for p in read_manifest(tmp_path / "runs" / "tiny")["phases"])
+    manifest = read_manifest(tmp_path / "runs" / "tiny")
+    assert all(p["status"] == "done" for p in manifest["phases"])
+    assert manifest["config"]["model"]["teacher"]["path"] == str(tmp_path / "outputs" / "tiny" / "teacher")
+    (tmp_path / "elsewhere").mkdir()  # the finished run, from another directory: found, nothing left to do
+    again = subprocess.run([sys.executable, "-m", "pdmd.cli", "train", str(tmp_path / "configs" / "tiny_wan22.yaml"),
+                            "--run-dir", str(tmp_path / "runs" / "tiny")], cwd=tmp_path / "elsewhere",
+                           capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0 and "phases done: [1, 2]" in again.stdout, again.stderr[-3000:]
     assert (tmp_path / "samples" / "fox_0.gif").is_file()
     assert proc.stdout.strip().endswith("(5, 64, 64, 3)")

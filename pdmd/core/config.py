@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pdmd.core.content import IDENTITY_PATHS, absolute, content_of, get, put, resolve_paths
 from pdmd.core.errors import ConfigError
 from pdmd.core.schedule import PhasePlan
 
@@ -161,12 +162,25 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def identity(self) -> dict[str, Any]:
+    def content(self) -> dict[str, str | None]:
+        """The content hash of each input path (pdmd/core/content.py), as read when the config was loaded; a
+        run read back from its manifest carries the hashes recorded when it started (its data may have moved)."""
+        recorded = getattr(self, "_content", None)
+        return dict(recorded) if recorded is not None else content_of(self.to_dict())
+
+    def identity(self, by_path: bool = False) -> dict[str, Any]:
         """What makes two runs the same run. The parallel layout and logging are left out: a run may
-        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere or differently. Keys
-        added after runs were first started are left out while at their defaults (LATER_KEYS), so that
-        a run started before they existed still resumes."""
+        resume at another TP/PP/CP layout (checkpoints reshard) or log elsewhere or differently. Input
+        paths stand in by their content (a run follows its data to another folder); ``by_path`` keeps the
+        path strings instead (how manifests before content identity were compared). Keys added after runs
+        were first started are left out while at their defaults (LATER_KEYS), so that a run started
+        before they existed still resumes."""
         ident = {k: v for k, v in self.to_dict().items() if k not in ("parallel", "wandb", "logging")}
+        content = {} if by_path else self.content()
+        for key in IDENTITY_PATHS:
+            value = get(ident, key)
+            if value:  # unreadable inputs keep their path: the run is then identified by where it looked
+                put(ident, key, {"content": content[key]} if content.get(key) else absolute(value, Path.cwd()))
         for path, default in LATER_KEYS.items():
             *parents, key = path
             node = ident
@@ -176,14 +190,17 @@ class RunConfig:
                 del node[key]
         return ident
 
-    def resume_changes(self, saved: dict[str, Any]) -> dict[str, list[Any]] | None:
-        """Against a run directory's saved config: None if it is another run; else the RESUMABLE_KEYS whose
-        values differ, ``{"student.lr": [old, new]}`` (what a diverged run may lower on resume)."""
+    def resume_changes(self, saved: dict[str, Any], content: dict[str, str | None] | None = None
+                       ) -> dict[str, list[Any]] | None:
+        """Against a run directory's saved config and recorded input content (None: a manifest from before
+        content identity, compared by path): None if it is another run; else the RESUMABLE_KEYS whose values
+        differ, ``{"student.lr": [old, new]}`` (what a diverged run may lower on resume)."""
         try:
-            old = _build(RunConfig, saved, "").identity()
+            old_cfg = _build(RunConfig, saved, "")
         except (ConfigError, TypeError):
             return None
-        new = self.identity()
+        old_cfg._content = content
+        old, new = old_cfg.identity(by_path=content is None), self.identity(by_path=content is None)
         changes = {}
         for path in RESUMABLE_KEYS:
             values = [_pop(ident, path) for ident in (old, new)]
@@ -311,6 +328,9 @@ def load_config(path: str | Path | dict | None, overrides: Sequence[str] = ()) -
             raise ConfigError(f"{path} is not valid YAML: {_first_line(exc)}") from None
         if not isinstance(base, DictConfig):
             raise ConfigError(f"{path} must hold a mapping of config sections (model:, train:, ...)")
+        written = OmegaConf.to_container(base, resolve=False)  # the file's own paths: against its folder
+        resolve_paths(written, Path(path).resolve().parent, skip_interpolated=True)
+        base = OmegaConf.create(written)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise ConfigError(f"override {bad[0]!r} is not key=value (e.g. train.steps=10)")
@@ -323,8 +343,11 @@ def load_config(path: str | Path | dict | None, overrides: Sequence[str] = ()) -
         raw = OmegaConf.to_container(OmegaConf.merge(base, given), resolve=True)
     except Exception as exc:  # noqa: BLE001 - merge/interpolation errors
         raise ConfigError(f"the recipe and overrides do not merge: {_first_line(exc)}") from None
+    if isinstance(raw, dict):
+        resolve_paths(raw, Path.cwd())  # overrides and environment values: against the working directory
     cfg = _build(RunConfig, raw, "")
     validate(cfg)
+    cfg._content = content_of(cfg.to_dict())  # what the paths hold now: the identity stays this run's
     return cfg
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pdmd.core.content import teacher_content
 from pdmd.core.errors import ExportError
 from pdmd.core.schedule import NUM_TRAIN_TIMESTEPS, PhasePlan, few_step_timesteps
 from pdmd.run.rundir import RunDir, tree_hash
@@ -139,7 +140,8 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
         ckpts = entry.get("checkpoints") or []
         phases.append(PhaseInfo(k, int(entry["student_expert"]), expert,
                                 run.path / ckpts[0] if ckpts else None, int(entry["step"])))
-    return RunInfo(run.path, config, plan, tuple(phases), _teacher_path(config, run.path, teacher),
+    return RunInfo(run.path, config, plan, tuple(phases),
+                   _teacher_path(config, run.path, teacher, (manifest.get("content") or {}).get("model.teacher.path")),
                    tuple(config["model"]["teacher"]["subfolders"]))
 
 
@@ -168,8 +170,10 @@ def check_conditioning(kind: str | None, config: dict[str, Any], what: str) -> N
                           "(i2v: Wan2.2 I2V-A14B, ti2v: TI2V-5B) must match its teacher")
 
 
-def _teacher_path(config: dict[str, Any], run_path: Path, override: str | Path | None) -> Path:
-    """The teacher folder: --teacher, else the run's model.teacher.path (absolute or from here)."""
+def _teacher_path(config: dict[str, Any], run_path: Path, override: str | Path | None,
+                  recorded_content: str | None = None) -> Path:
+    """The teacher folder: --teacher (if it holds the same teacher the run recorded: configs and weight
+    headers, pdmd/core/content.py), else the run's model.teacher.path."""
     recorded = config["model"]["teacher"]["path"]
     path = Path(override) if override is not None else Path(recorded)
     subs = config["model"]["teacher"]["subfolders"]
@@ -179,6 +183,10 @@ def _teacher_path(config: dict[str, Any], run_path: Path, override: str | Path |
         raise ExportError(
             f"{where}: no {missing[0]}/config.json under {path}. The teacher's transformer configs define the "
             f"experts' architecture: pass --teacher DIR, the diffusers folder {run_path} was distilled from")
+    if override is not None and recorded_content and teacher_content(path, subs) != recorded_content:
+        raise ExportError(f"--teacher {path} is not the teacher {run_path} was distilled from (its transformer "
+                          f"configs or weights differ from what the run recorded at {recorded}): pass that "
+                          "teacher's folder")
     return path
 
 

@@ -19,6 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pdmd.core.content import PATH_KEYS, get
+
 MANIFEST = "manifest.json"
 STATUSES = ("pending", "running", "done", "failed")
 
@@ -84,28 +86,42 @@ class RunDir:
         atomic_write_json(self.manifest_path, manifest)
 
     def create_or_check(self, plan_config: dict, config_hash: str, student_experts: list[int],
-                        config: dict, resume_changes: Callable[[dict], dict | None] | None = None) -> dict[str, Any]:
-        """A new manifest, or the existing one if it belongs to the same run (same plan and config).
-        ``resume_changes(saved_config)`` may accept a changed config (learning rates after a divergence): the
-        change is recorded under the manifest's ``history`` and the new config becomes the run's."""
+                        config: dict, content: dict[str, str | None],
+                        resume_changes: Callable[[dict, dict | None], dict | None] | None = None) -> dict[str, Any]:
+        """A new manifest, or the existing one if it belongs to the same run (same plan, same identity: the
+        config with its inputs' ``content``, pdmd/core/content.py). ``resume_changes(saved_config,
+        saved_content)`` may accept a changed config (learning rates after a divergence) or inputs that moved
+        (same content, new paths): either is recorded under the manifest's ``history`` and the new config
+        (with its paths) becomes the run's."""
         if self.exists():
             manifest = self.read()
-            changes = None
-            if manifest["config_hash"] != config_hash and resume_changes is not None:
-                changes = resume_changes(manifest.get("config") or {})
-            if changes:
-                step = {e["index"]: e["step"] for e in manifest["phases"]}
-                manifest.setdefault("history", []).append(
-                    {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "phase_steps": step, "changed": changes,
-                     "config_hash": [manifest["config_hash"], config_hash]})
-                manifest["config_hash"], manifest["config"] = config_hash, config
-                self.write(manifest)
-            elif manifest["config_hash"] != config_hash:
+            saved_content = manifest.get("content")
+            changes = {}
+            if (manifest["config_hash"] != config_hash or saved_content is None) and resume_changes is not None:
+                changes = resume_changes(manifest.get("config") or {}, saved_content)
+            if changes is None or (manifest["config_hash"] != config_hash and resume_changes is None):
                 raise ValueError(
                     f"{self.path} was started with another configuration (hash {manifest['config_hash'][:12]} vs "
                     f"{config_hash[:12]}): resume it with the same recipe and overrides (saved in its manifest "
-                    "under 'config'; only learning rates and checkpoint/log cadence may change on resume), or use a "
-                    "new --run-dir")
+                    "under 'config'; only learning rates and checkpoint/log cadence may change on resume, and "
+                    "inputs may move if their content is the same), or use a new --run-dir")
+            moved = {key: [get(manifest.get("config") or {}, key), get(config, key)] for key in PATH_KEYS
+                     if get(manifest.get("config") or {}, key) != get(config, key)}
+            if changes or moved or saved_content is None:
+                event: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                         "phase_steps": {e["index"]: e["step"] for e in manifest["phases"]}}
+                if changes:
+                    event["changed"] = changes
+                if moved:
+                    event["moved"] = moved
+                if saved_content is None:
+                    event["identity"] = "by content (this manifest was identified by path strings)"
+                if manifest["config_hash"] != config_hash:
+                    event["config_hash"] = [manifest["config_hash"], config_hash]
+                manifest.setdefault("history", []).append(event)
+                manifest["config_hash"], manifest["config"] = config_hash, config
+                manifest["content"] = content
+                self.write(manifest)
             return manifest
         self.path.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(exist_ok=True)
@@ -114,6 +130,7 @@ class RunDir:
             "plan": plan_config,
             "config_hash": config_hash,
             "config": config,
+            "content": content,
             "wandb_id": uuid.uuid4().hex[:16],
             "phases": [
                 {"index": k, "status": "pending", "step": 0, "student_expert": e, "checkpoints": [], "expert": None,

@@ -119,7 +119,7 @@ class RunExperts:
         sharded = model.sharded_state_dict(prefix=prefix)
         meta = _checkpoint_meta(path)
         for sh in sharded.values():
-            if not _is_tensor(sh):
+            if not _is_tensor(sh) or (lora and ".lora_" not in sh.key):  # adapters: only they are read
                 continue
             if sh.key not in meta:
                 return (f"phase {k}: {path} has no {sh.key!r}, which the teacher config "
@@ -154,20 +154,23 @@ class RunExperts:
             import json
 
             saved = json.loads(state_file.read_text()).get("step")
-            if saved != phase.steps:
-                raise ExportError(f"phase {k}: {step} is step {saved}, not the phase's final step {phase.steps}")
+            final = phase.checkpoint_step or phase.steps
+            if saved != final:
+                raise ExportError(f"phase {k}: {step} is step {saved}, not the phase's final step {final}")
         model = self._build(phase.student_expert, lora=True)
-        sharded = {key: v for key, v in model.sharded_state_dict(prefix="student.model.").items() if ".lora_" in key}
+        # the adapters the phase's expert was merged from: the moving average's with student.ema > 0
+        prefix = f"{phase.checkpoint_prefix}student.{'ema' if self.run.ema else 'model'}."
+        sharded = {key: v for key, v in model.sharded_state_dict(prefix=prefix).items() if ".lora_" in key}
         try:
             loaded = dist_checkpointing.load(sharded, str(step))
         except BaseException as exc:  # torch's CheckpointException is a BaseException
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            raise ExportError(self._diagnose(step, phase.student_expert, "student.model.", k, lora=True) or
+            raise ExportError(self._diagnose(step, phase.student_expert, prefix, k, lora=True) or
                               f"phase {k}: reading the adapters from {step} failed (student.lora = {self.run.lora}): "
                               f"{last_line(exc)}") from exc
         # the result also carries the checkpoint's common (non-sharded) state: keep what was asked for
-        return {key[len("student.model."):]: loaded[key].detach().cpu() for key in sharded}, _stage(model)
+        return {key[len(prefix):]: loaded[key].detach().cpu() for key in sharded}, _stage(model)
 
     # -- assembling full diffusers tensors on rank 0 ---------------------------------------------
     def _gather(self, stage: tuple[int, int], state: dict[str, torch.Tensor], rules: list[Rule]):

@@ -140,15 +140,28 @@ def test_exported_pipeline_reproduces_pdmd_sample(tiny_wan_run):
     assert rel_err(wrong, ours) > 1e-3
 
 
-def test_lora_files_load_into_the_base_pipeline(tiny_wan_run):
-    """WanPipeline.load_lora_weights on the teacher equals the merged experts, per transformer."""
+# The original Wan checkpoint's module names (Wan-Video/Wan2.2 wan/modules/model.py: WanAttentionBlock's
+# self_attn / cross_attn q, k, v, o and its ffn Sequential's two Linears), as ComfyUI and shared LoRAs key them.
+ORIGINAL_WAN_LORA_KEY = re.compile(r"diffusion_model\.blocks\.\d+\.(self_attn\.[qkvo]|cross_attn\.[qkvo]|ffn\.[02])"
+                                   r"\.(lora_down\.weight|lora_up\.weight|alpha)")
+
+
+@pytest.mark.parametrize("folder, fmt", [("export_lora", "diffusers"), ("export_comfyui", "comfyui")])
+def test_lora_files_load_into_the_base_pipeline(tiny_wan_run, folder, fmt):
+    """WanPipeline.load_lora_weights on the teacher equals the merged experts, per transformer, from the
+    diffusers-named files and from the ComfyUI-named ones (original Wan module names, which diffusers
+    converts on load)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from pdmd.export.layout import lora_file
+
     root, _ = tiny_wan_run
-    lora, merged = root / "export_lora", _pipeline(root / "export_full", text_encoder=None, tokenizer=None, vae=None)
+    lora, merged = root / folder, _pipeline(root / "export_full", text_encoder=None, tokenizer=None, vae=None)
     info = json.loads((lora / "pdmd_export.json").read_text())
-    assert info["kind"] == "lora" and [p["lora"] for p in info["phases"]] == ["phase1_lora.safetensors",
-                                                                               "phase2_lora.safetensors"]
+    key = "lora" if fmt == "diffusers" else "lora_comfyui"
+    assert info["kind"] == "lora" and [p[key] for p in info["phases"]] == [lora_file(1, fmt), lora_file(2, fmt)]
+    if fmt == "comfyui":
+        assert all(ORIGINAL_WAN_LORA_KEY.fullmatch(k) for k in load_file(lora / lora_file(1, fmt)))
     pipe = _pipeline(root / "base", text_encoder=None, tokenizer=None, vae=None,
                      scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(lora / "scheduler"),
                      boundary_ratio=info["boundary_ratio"])
@@ -156,9 +169,8 @@ def test_lora_files_load_into_the_base_pipeline(tiny_wan_run):
     g = torch.Generator().manual_seed(0)
     x, text, t = torch.randn(1, 4, 2, 8, 8, generator=g), torch.randn(1, 16, 24, generator=g), torch.tensor([900.0])
     before = {s: m(x, t, text, return_dict=False)[0] for s, m in base.items()}
-    pipe.load_lora_weights(str(lora), weight_name="phase1_lora.safetensors", adapter_name="phase1")
-    pipe.load_lora_weights(str(lora), weight_name="phase2_lora.safetensors", adapter_name="phase2",
-                           load_into_transformer_2=True)
+    pipe.load_lora_weights(str(lora), weight_name=lora_file(1, fmt), adapter_name="phase1")
+    pipe.load_lora_weights(str(lora), weight_name=lora_file(2, fmt), adapter_name="phase2", load_into_transformer_2=True)
     for slot, name in (("transformer", "phase1"), ("transformer_2", "phase2")):
         model = getattr(pipe, slot)
         assert list(model.peft_config) == [name]
@@ -243,9 +255,9 @@ def test_export_never_mixes_runs_or_leaves_half_an_export(tiny_wan_run):
 # --- Qwen-Image ------------------------------------------------------------------------------------------
 def _verify_error(result: dict) -> float:
     assert result["code"] == 0, result["stdout"][-3000:] + result["stderr"][-3000:]
-    found = re.search(r"QwenImagePipeline, latents .*: rel err ([0-9.e+-]+) .* PASS", result["stdout"])
+    found = re.search(r"QwenImagePipeline( \+ LoRA)?, latents .*: rel err ([0-9.e+-]+) .* PASS", result["stdout"])
     assert found, result["stdout"][-2000:]
-    return float(found.group(1))
+    return float(found.group(2))
 
 
 def test_qwen_export_reproduces_our_sampler(qwen_runs):
@@ -305,9 +317,34 @@ def test_qwen_one_phase_export_is_a_plain_qwen_image_pipeline(qwen_runs):
     assert type(pipe.transformer) is QwenImageTransformer2DModel
 
 
-def test_unsupported_qwen_exports_say_why(qwen_runs):
-    result = qwen_runs["export_lora"]
-    assert result["code"] == 2 and "merged QwenImagePipeline" in result["stderr"], result["stderr"][-2000:]
+def test_qwen_lora_files_load_with_diffusers_and_switch_per_phase(qwen_runs):
+    """--lora-only on Qwen-Image: each phase's adapters in diffusers' and ComfyUI's names. Both load with
+    QwenImagePipeline.load_lora_weights on the teacher (diffusers converts the ComfyUI names) and, the active
+    adapter switched to each step's phase, reproduce our sampler over the merged experts (--verify); the
+    ComfyUI names are the original checkpoint's modules (Qwen-Image's are the teacher's own key names)."""
+    from pdmd.export.qwen_image import lora_pipeline_latents, verify_prompt
+
+    assert _verify_error(qwen_runs["export_lora"]) <= 1e-5
+    out, base = qwen_runs["root"] / "export_lora", qwen_runs["base"]
+    info = json.loads((out / "pdmd_export.json").read_text())
+    assert info["kind"] == "lora" and [p["lora_comfyui"] for p in info["phases"]] == [
+        "phase1_lora_comfyui.safetensors", "phase2_lora_comfyui.safetensors"]
+    modules = {k.rsplit(".", 1)[0] for k in load_file(next((base / "transformer").glob("*.safetensors")))}
+    for k in (1, 2):
+        comfy, ours = load_file(out / f"phase{k}_lora_comfyui.safetensors"), load_file(out / f"phase{k}_lora.safetensors")
+        names = {re.sub(r"\.(lora_down\.weight|lora_up\.weight|alpha)$", "", key) for key in comfy}
+        assert all(n.startswith("diffusion_model.") and n.removeprefix("diffusion_model.") in modules for n in names)
+        assert len(comfy) == len(ours) // 2 * 3  # lora_down, lora_up and alpha per module
+    planned = json.loads((qwen_runs["root"] / "run" / "manifest.json").read_text())["plan"]
+    plan = PhasePlan.from_config(planned)
+    x = torch.randn(1, 4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    embeds, mask = verify_prompt(32, 1)
+    want = lora_pipeline_latents(base, out, x, embeds, mask, plan)
+    assert rel_err(lora_pipeline_latents(base, out, x, embeds, mask, plan, "comfyui"), want) < 1e-6
+    # the switch matters: phase 1's adapters on every step give other latents
+    one = PhasePlan.from_config({**planned, "boundaries": [1.0, 0.0], "renoise_clamp": None})
+    assert one.timesteps == plan.timesteps
+    assert rel_err(lora_pipeline_latents(base, out, x, embeds, mask, one), want) > 1e-3
 
 
 def test_pdmd_export_is_the_same_command(tiny_wan_run):

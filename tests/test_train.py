@@ -282,7 +282,8 @@ def test_qwen_tiny_recipe_and_paper_recipe_load(qwen_tiny):
 
 def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny, started):
     """LightX2V's arrangement: both phases' roles resident, iterations alternate; a kill -9 mid-run and a
-    rerun give the experts of an uninterrupted run (the checkpoint holds every region's roles)."""
+    rerun give the experts of an uninterrupted run (the checkpoint holds every region's roles and, with
+    student.ema, their averages); its LoRA files export and equal the merged experts."""
     root, overrides = tiny
     inter = [*overrides, *INTERLEAVED]
     full = root / "interleaved_full"
@@ -300,6 +301,12 @@ def test_interleaved_schedule_alternates_phases_and_resumes_bit_identically(tiny
     for k in (1, 2):
         ours, ref = _expert_tensors(killed, k), _expert_tensors(full, k)
         assert ours.keys() == ref.keys() and all(torch.equal(ours[n], ref[n]) for n in ours), k
+    # --lora-only reads each region's averaged adapters from the one checkpoint; --verify loads them with
+    # WanPipeline.load_lora_weights and compares with our sampler over the merged experts
+    proc = subprocess.run([sys.executable, "-m", "pdmd.cli", "export", "--run", str(full), "--out",
+                           str(root / "interleaved_lora"), "--lora-only", "--verify"],
+                          capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0 and "PASS" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
     proc = _train(root / "interleaved_one", [*inter, "plan.num_phases=1", "plan.renoise_clamp=null"])
     assert proc.returncode == 2 and "method.schedule=interleaved needs plan.num_phases >= 2" in proc.stderr
 

@@ -302,7 +302,7 @@ QWEN_RUNS = {"run": [], "run1": ["plan.num_phases=1", "train.steps=2", "method.f
 
 def build_qwen(root: Path, teacher: Path, shards: Path) -> None:
     """configs/tiny_qwen_image.yaml trained as each of QWEN_RUNS (student lr 0.01 so that the experts move),
-    each exported with --verify (``export_<name>``), and a --lora-only export of ``run`` (refused)."""
+    each exported with --verify (``export_<name>``), and a --lora-only export of ``run`` (with --verify)."""
     from pdmd.core.config import load_config
     from pdmd.train import train
 
@@ -319,7 +319,7 @@ def build_qwen(root: Path, teacher: Path, shards: Path) -> None:
         results[f"export_{name}"] = _call("convert", ["--run", str(root / name), "--out", str(root / f"export_{name}"),
                                                       "--verify"])
     results["export_lora"] = _call("convert", ["--run", str(root / "run"), "--out", str(root / "export_lora"),
-                                               "--lora-only"])
+                                               "--lora-only", "--verify"])
     (root / "results.json").write_text(json.dumps(results, indent=2))
 
 

@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "from (default: the run's teacher folder, for what it has)")
     p.add_argument("--lora-only", action="store_true", help="write per-phase LoRA files (LoRA students) instead")
     p.add_argument("--lora-format", nargs="+", choices=list(LORA_FORMATS), default=list(LORA_FORMATS),
-                   help="--lora-only: diffusers names (load_lora_weights) and/or ComfyUI's, the original Wan "
-                        "checkpoint's module names (default: both)")
+                   help="--lora-only: diffusers names (load_lora_weights) and/or ComfyUI's, the original Wan / "
+                        "Qwen-Image checkpoint's module names (default: both)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="weights dtype (default: the run's model.dtype)")
     p.add_argument("--teacher", help="the run's teacher folder, if it moved since training")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks to load with (under torchrun)")

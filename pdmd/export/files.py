@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -102,18 +102,19 @@ def write_transformer(folder: Path, state: Mapping[str, torch.Tensor], config_di
 
 
 def write_lora(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype, info: dict[str, str],
-               fmt: str = "diffusers") -> None:
+               fmt: str = "diffusers", model: str = "wan") -> None:
     """A LoRA file, scale folded into B: ``diffusers`` names (``transformer.<module>.lora_A.weight``, what
-    ``load_lora_weights`` writes and reads) or ``comfyui`` names (the original Wan checkpoint's modules,
-    ``diffusion_model.blocks.0.self_attn.q.lora_down.weight`` / ``lora_up`` / ``alpha``: what ComfyUI and the
-    LoRAs people share use; diffusers converts them on load)."""
+    ``load_lora_weights`` writes and reads) or ``comfyui`` names (the original checkpoint's modules under
+    ``diffusion_model.``, ``lora_down.weight`` / ``lora_up.weight`` / ``alpha``: what ComfyUI and the LoRAs
+    people share use; diffusers converts them on load). Wan's original modules have their own names
+    (``blocks.0.self_attn.q``); Qwen-Image's original checkpoint uses diffusers' (``transformer_blocks.0.attn.to_q``)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "diffusers":
         tensors = {f"transformer.{k}": v.to(dtype).contiguous() for k, v in state.items()}
     elif fmt == "comfyui":
-        tensors = comfyui_wan_lora(state, dtype)
+        tensors = comfyui_lora(state, dtype, original_wan_module if model == "wan" else lambda module: module)
     else:
         raise ExportError(f"--lora-format {fmt}: choose diffusers or comfyui")
     save_file(tensors, str(path), metadata={"format": "pt", **{f"pdmd_{k}": str(v) for k, v in info.items()}})
@@ -129,24 +130,33 @@ WAN_ORIGINAL_MODULES = (
 )
 
 
-def comfyui_wan_lora(state: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """diffusers-named Wan LoRA tensors (``blocks.0.attn1.to_q.lora_A.weight``) under the original checkpoint's
-    names; ``alpha`` = rank, since the scale is already folded into ``lora_up``."""
+def original_wan_module(module: str) -> str | None:
+    """diffusers' WanTransformer3DModel module name -> the original Wan checkpoint's (None: no such module)."""
     import re
 
+    found = re.match(r"(blocks\.\d+)\.(.+)", module)
+    if found is None:
+        return None
+    block, rest = found.groups()
+    original = next((new for old, new in WAN_ORIGINAL_MODULES if re.fullmatch(old, rest)), None)
+    return None if original is None else f"{block}.{original}"
+
+
+def comfyui_lora(state: Mapping[str, torch.Tensor], dtype: torch.dtype,
+                 original: Callable[[str], str | None]) -> dict[str, torch.Tensor]:
+    """diffusers-named LoRA tensors (``<module>.lora_A.weight``) under ``diffusion_model.<original module>``,
+    as ``lora_down`` / ``lora_up`` with ``alpha`` = rank, since the scale is already folded into ``lora_up``."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
         module, kind = key.rsplit(".lora_", 1)
-        block, rest = re.match(r"(blocks\.\d+)\.(.+)", module).groups() if module.startswith("blocks.") else ("", module)
-        original = next((new for old, new in WAN_ORIGINAL_MODULES if re.fullmatch(old, rest)), None)
-        if not block or original is None:
-            raise ExportError(f"no original Wan module name for the LoRA module {module!r} (--lora-format comfyui)")
-        name = f"diffusion_model.{block}.{original}"
+        name = original(module)
+        if name is None:
+            raise ExportError(f"no original checkpoint name for the LoRA module {module!r} (--lora-format comfyui)")
         if kind.startswith("A"):
-            out[f"{name}.lora_down.weight"] = value.to(dtype).contiguous()
-            out[f"{name}.alpha"] = torch.tensor(float(value.shape[0]), dtype=dtype)
+            out[f"diffusion_model.{name}.lora_down.weight"] = value.to(dtype).contiguous()
+            out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(value.shape[0]), dtype=dtype)
         else:
-            out[f"{name}.lora_up.weight"] = value.to(dtype).contiguous()
+            out[f"diffusion_model.{name}.lora_up.weight"] = value.to(dtype).contiguous()
     return out
 
 

@@ -72,6 +72,10 @@ class PhaseInfo:
     expert_dir: Path  # the final (LoRA-merged) student, a Megatron distributed checkpoint
     last_step_dir: Path | None  # the phase's newest step checkpoint (holds the LoRA adapters)
     steps: int
+    # Where its student lives in that checkpoint: "" (sequential) or "region{k}." (interleaved: one
+    # checkpoint holds every phase's roles, written at iteration steps * phases)
+    checkpoint_prefix: str = ""
+    checkpoint_step: int | None = None  # the step that checkpoint must be (None: ``steps``)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,11 @@ class RunInfo:
     def lora(self) -> dict[str, Any] | None:
         """The student's LoRA section (rank, alpha, targets) or None for a full-parameter student."""
         return self.config.get("student", {}).get("lora")
+
+    @property
+    def ema(self) -> float:
+        """``student.ema``: > 0 when the phases' experts (and adapters) are the students' moving averages."""
+        return float(self.config.get("student", {}).get("ema") or 0.0)
 
     @property
     def teacher_boundary(self) -> float | None:
@@ -138,8 +147,12 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
             raise ExportError(f"the expert checkpoint of phase {k} at {expert} changed since training wrote it "
                               "(hash mismatch with manifest.json): restore it or rerun that phase")
         ckpts = entry.get("checkpoints") or []
-        phases.append(PhaseInfo(k, int(entry["student_expert"]), expert,
-                                run.path / ckpts[0] if ckpts else None, int(entry["step"])))
+        interleaved = (config.get("method") or {}).get("schedule") == "interleaved"
+        if interleaved:  # the owner (phase 1) holds the one checkpoint of every region
+            ckpts = manifest["phases"][0].get("checkpoints") or []
+        phases.append(PhaseInfo(k, int(entry["student_expert"]), expert, run.path / ckpts[0] if ckpts else None,
+                                int(entry["step"]), checkpoint_prefix=f"region{k}." if interleaved else "",
+                                checkpoint_step=int(entry["step"]) * len(manifest["phases"]) if interleaved else None))
     return RunInfo(run.path, config, plan, tuple(phases),
                    _teacher_path(config, run.path, teacher, (manifest.get("content") or {}).get("model.teacher.path")),
                    tuple(config["model"]["teacher"]["subfolders"]))

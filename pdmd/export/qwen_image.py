@@ -9,6 +9,10 @@
     OUT/text_encoder/ tokenizer/ vae/   copied from --base-pipeline, else the teacher folder, when present
     OUT/pdmd_export.json   timesteps, phase boundaries, origin
 
+``--lora-only``: OUT/phaseK_lora.safetensors (diffusers names) and phaseK_lora_comfyui.safetensors (the original
+checkpoint's, which are diffusers' module names under ``diffusion_model.``), OUT/scheduler/, OUT/pdmd_export.json;
+each phase's adapters are active for its own steps (:func:`lora_pipeline_latents` shows how).
+
 The scheduler: QwenImagePipeline calls ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=...)``; without dynamic
 shifting the scheduler ignores mu and maps each sigma to S s / (1 + (S - 1) s), which is exactly our
 shift_S(1 - i/N). :func:`check_scheduler` proves it through the pipeline's own ``retrieve_timesteps``.
@@ -39,6 +43,7 @@ from pdmd.export.files import (
     safetensors_shapes,
     staged_folder,
     write_json,
+    write_lora,
     write_scheduler,
     write_transformer,
 )
@@ -50,6 +55,7 @@ from pdmd.export.layout import (
     ExportOptions,
     RunInfo,
     infer_shift,
+    lora_file,
     read_json,
 )
 from pdmd.export.pipelines import initial_noise
@@ -179,8 +185,9 @@ def model_index(base_index: dict[str, Any] | None, present: Sequence[str], phase
 def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None:
     """Write the QwenImagePipeline folder; with --verify returns (relative error, tolerance) on rank 0."""
     out = opts.out
-    if opts.lora_only:
-        raise ExportError("--lora-only: Qwen-Image runs export as a merged QwenImagePipeline only (drop --lora-only)")
+    if opts.lora_only and run.lora is None:
+        raise ExportError("--lora-only: this run's students trained all parameters (student.lora is null), so there "
+                          "are no adapters; export the merged pipeline instead (without --lora-only)")
     check_out(out, run.path, opts.overwrite)  # before any work; staged_folder checks again
     dtype_name = opts.dtype or run.config["model"]["dtype"]
     dtype = parse_dtype(dtype_name)
@@ -192,7 +199,10 @@ def export_qwen(opts: ExportOptions, run: RunInfo) -> tuple[float, float] | None
 
     experts = RunExperts(run, tp=opts.tp, pp=opts.pp)
     with staged_folder(out, run.path, opts.overwrite) as stage:
-        _write_qwen(run, experts, opts, stage, out, scheduler, bounds, dtype, dtype_name)
+        if opts.lora_only:
+            _write_qwen_lora(run, experts, opts, stage, out, scheduler, bounds, dtype, dtype_name)
+        else:
+            _write_qwen(run, experts, opts, stage, out, scheduler, bounds, dtype, dtype_name)
     barrier()
     return verify(run, out, experts, opts, dtype_name) if opts.verify else None
 
@@ -228,16 +238,41 @@ def _write_qwen(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: Pa
               f"{[round(t * 1000, 3) for t in run.plan.timesteps]}, phase boundaries {bounds})", flush=True)
 
 
+def _write_qwen_lora(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: Path, scheduler: dict[str, Any],
+                     bounds: list[float], dtype: torch.dtype, dtype_name: str) -> None:
+    """Each phase's adapters (to load on the teacher's QwenImagePipeline, one adapter per phase's steps:
+    docs/export.md) in the requested formats, the scheduler and pdmd_export.json into ``stage``."""
+    for p in run.phases:
+        state = experts.lora_diffusers(p.index)
+        if is_rank0():
+            origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
+            for fmt in opts.lora_formats:
+                write_lora(stage / lora_file(p.index, fmt), state, dtype, origin, fmt, model="qwen-image")
+            print(f"convert_to_diffusers: phase {p.index} -> {out / lora_file(p.index, opts.lora_formats[0])}",
+                  flush=True)
+        del state
+    if is_rank0():
+        write_scheduler(stage, scheduler)
+        write_json(stage / EXPORT_INFO, export_info(run, scheduler, bounds, [], dtype_name, opts.lora_formats))
+        print(f"convert_to_diffusers: wrote {out} (LoRA files for {PIPELINE_CLASS}, {run.plan.num_phases} phase(s); "
+              f"phase boundaries {bounds})", flush=True)
+
+
 def export_info(run: RunInfo, scheduler: dict[str, Any], bounds: list[float], present: Sequence[str],
-                dtype: str) -> dict[str, Any]:
+                dtype: str, lora_formats: Sequence[str] | None = None) -> dict[str, Any]:
+    """``pdmd_export.json``; ``lora_formats``: a --lora-only export (kind ``lora``, each phase's files)."""
+    lora = lora_formats is not None
     return {
-        "format": 1, "model": "qwen-image", "kind": "qwen_pipeline", "pipeline_class": PIPELINE_CLASS,
+        "format": 1, "model": "qwen-image", "kind": "lora" if lora else "qwen_pipeline", "pipeline_class": PIPELINE_CLASS,
         "run": str(run.path.resolve()), "timesteps": list(run.plan.timesteps), "boundaries": list(run.plan.boundaries),
         "num_inference_steps": run.plan.num_steps, "true_cfg_scale": 1.0, "phase_boundaries": bounds,
-        "trust_remote_code": run.plan.num_phases > 1, "scheduler": {"_class_name": SCHEDULER_CLASS, **scheduler},
-        "dtype": dtype, "components": list(present),
+        "trust_remote_code": run.plan.num_phases > 1 and not lora,
+        "scheduler": {"_class_name": SCHEDULER_CLASS, **scheduler}, "dtype": dtype, "components": list(present),
         "phases": [{"index": p.index, "steps": list(run.plan.steps_in_phase(p.index)),
-                    "base": run.subfolders[p.student_expert]} for p in run.phases],
+                    "base": run.subfolders[p.student_expert],
+                    "lora": lora_file(p.index) if lora and "diffusers" in lora_formats else None,
+                    "lora_comfyui": lora_file(p.index, "comfyui") if lora and "comfyui" in lora_formats else None}
+                   for p in run.phases],
     }
 
 
@@ -269,8 +304,37 @@ def pipeline_latents(out: Path, x: torch.Tensor, embeds: torch.Tensor, mask: tor
     return unpack_latents(result.float(), h, w)
 
 
+def lora_pipeline_latents(base: Path, out: Path, x: torch.Tensor, embeds: torch.Tensor, mask: torch.Tensor,
+                          plan: PhasePlan, lora_format: str = "diffusers", dtype: torch.dtype = torch.float32
+                          ) -> torch.Tensor:
+    """The LoRA export's answer: the teacher's QwenImagePipeline with the export's scheduler and every phase's
+    file loaded by ``load_lora_weights`` as adapter ``phaseK``; a step callback makes the next step's phase
+    the active adapter (what two LoRA-switching sampler nodes do in ComfyUI)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, QwenImagePipeline
+
+    pipe = QwenImagePipeline.from_pretrained(base, text_encoder=None, tokenizer=None, vae=None,
+                                             scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler"),
+                                             **dtype_kwarg(dtype))
+    pipe.set_progress_bar_config(disable=True)
+    for k in range(1, plan.num_phases + 1):
+        pipe.load_lora_weights(str(out), weight_name=lora_file(k, lora_format), adapter_name=f"phase{k}")
+    pipe.set_adapters([f"phase{plan.phase_of_step(0)}"])
+
+    def next_phase(pipeline, i, t, kwargs):
+        if i + 1 < plan.num_steps:
+            pipeline.set_adapters([f"phase{plan.phase_of_step(i + 1)}"])
+        return {}
+
+    _, _, _, h, w = x.shape
+    result = pipe(prompt_embeds=embeds.to(dtype), prompt_embeds_mask=mask, latents=pack_latents(x).to(dtype),
+                  num_inference_steps=plan.num_steps, height=h * VAE_SCALE, width=w * VAE_SCALE, true_cfg_scale=1.0,
+                  output_type="latent", return_dict=False, callback_on_step_end=next_phase)[0]
+    return unpack_latents(result.float(), h, w)
+
+
 def verify(run: RunInfo, out: Path, experts, opts: ExportOptions, dtype_name: str) -> tuple[float, float] | None:
-    """Our sampler (the run's Megatron experts) vs the export in QwenImagePipeline: same noise, same prompt."""
+    """Our sampler (the run's Megatron experts) vs the export in QwenImagePipeline (a --lora-only export: its
+    files on the teacher's pipeline): same noise, same prompt."""
 
     shape = (1, *run.config["train"]["latent_shape"])
     text_dim = int((read_json(run.expert_folder(0) / "config.json") or {}).get("joint_attention_dim", 3584))
@@ -280,9 +344,14 @@ def verify(run: RunInfo, out: Path, experts, opts: ExportOptions, dtype_name: st
     ours = euler_sample(experts.velocity, run.plan, x.to(dev), pack_text(embeds, mask).to(dev)).cpu()
     if not is_rank0():
         return None
-    theirs = pipeline_latents(out, x, embeds, mask, run.plan.num_steps, parse_dtype(dtype_name))
+    if opts.lora_only:
+        base = Path(opts.base_pipeline) if opts.base_pipeline else run.teacher
+        theirs = lora_pipeline_latents(base, out, x, embeds, mask, run.plan, opts.lora_formats[0],
+                                       parse_dtype(dtype_name))
+    else:
+        theirs = pipeline_latents(out, x, embeds, mask, run.plan.num_steps, parse_dtype(dtype_name))
     err = ((theirs.double() - ours.double()).norm() / ours.double().norm()).item()
     tol = VERIFY_TOL[dtype_name]
-    print(f"convert_to_diffusers --verify: QwenImagePipeline, latents {list(shape)}, {run.plan.num_steps} steps: "
+    print(f"convert_to_diffusers --verify: QwenImagePipeline{' + LoRA' if opts.lora_only else ''}, latents {list(shape)}, {run.plan.num_steps} steps: "
           f"rel err {err:.3e} (tolerance {tol:g}) {'PASS' if err <= tol else 'FAIL'}", flush=True)
     return err, tol

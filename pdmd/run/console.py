@@ -19,6 +19,8 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
      r"torch\.distributed", "megatron-core calls torch's older collective names; the results are the same"),
     ("full scope is deprecated", UserWarning, r"megatron\.core\.transformer",
      "megatron-core's own default for cuda_graph_scope; we set no CUDA graphs"),
+    ("Already found a `peft_config` attribute in the model", UserWarning, r"peft\.",
+     "every phase's LoRA is loaded as its own adapter on one transformer (Qwen-Image --lora-only --verify)"),
     (r"`load_state_dict` is deprecated", FutureWarning, r"megatron\.core\.dist_checkpointing",
      "megatron-core's distributed checkpoint loader calls the old torch API; nothing for a user to change"),
 )

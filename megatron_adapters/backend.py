@@ -219,6 +219,7 @@ class MegatronBackend:
         self.frozen: dict[int, torch.nn.Module] = {}  # finished earlier phases' experts (sequential schedule)
         self.student_expert = 0
         self.real_score = real_score
+        self.on_built: Callable[[str], None] | None = None  # told each role's name once it is built and loaded
 
     # -- protocol: who we are ---------------------------------------------------------------------
     @property
@@ -272,11 +273,16 @@ class MegatronBackend:
         (``earlier[j] = (teacher expert, checkpoint dir)``)."""
         self.teachers, self.regions, self.frozen = {}, {}, {}
         for e in self._teacher_set({k: (student_expert, renoise_interval)}):
-            self.teachers[e] = _frozen(self._new_model(e, self._teacher_fp8(e, [student_expert])))
+            self.teachers[e] = self._built(f"teacher{e}", _frozen(self._new_model(e, self._teacher_fp8(e, [student_expert]))))
         self.regions[k] = self._region_roles(k, student_expert, renoise_interval, prefix="")
-        self.frozen = {j: _frozen(self.load_expert(e, ckpt, fp8="expert" in self.fp8_roles))
+        self.frozen = {j: self._built(f"expert:{j}", _frozen(self.load_expert(e, ckpt, fp8="expert" in self.fp8_roles)))
                        for j, (e, ckpt) in earlier.items()}
         self.activate(k)
+
+    def _built(self, name: str, model: torch.nn.Module) -> torch.nn.Module:
+        if self.on_built is not None:
+            self.on_built(name)
+        return model
 
     def setup_interleaved(self, regions: dict[int, tuple[int, tuple[float, float]]]) -> None:
         """LightX2V's arrangement: every region's student and fakes resident and trained in turn;
@@ -289,7 +295,7 @@ class MegatronBackend:
                              f"expert (students start from experts {experts}); set student.lora=null")
         self.teachers, self.regions, self.frozen = {}, {}, {}
         for e in self._teacher_set(regions):
-            self.teachers[e] = _frozen(self._new_model(e, self._teacher_fp8(e, experts)))
+            self.teachers[e] = self._built(f"teacher{e}", _frozen(self._new_model(e, self._teacher_fp8(e, experts))))
         for k, (e, interval) in regions.items():
             self.regions[k] = self._region_roles(k, e, interval, prefix=f"region{k}.")
         self.activate(min(regions))
@@ -328,10 +334,12 @@ class MegatronBackend:
         else:
             student = self._new_model(student_expert, "student" in self.fp8_roles)
         trainables = {"student": Trainable(f"{prefix}student", student.train(), student.config, self.cfg.student)}
+        self._built(f"{prefix}student", student)
         for e in self.experts_touching(*renoise_interval):
             fake = self.build_model(e, "fake" in self.fp8_roles)
             check_and_load(fake, _base_state(self.teachers[e]), f"initialising fake{e} from teacher expert {e}")
             trainables[f"fake{e}"] = Trainable(f"{prefix}fake{e}", fake.train(), fake.config, self.cfg.fake)
+            self._built(f"{prefix}fake{e}", fake)
         return {"trainables": trainables, "student_expert": student_expert, "prefix": prefix}
 
     def _module(self, role: str, e: int):

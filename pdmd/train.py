@@ -29,9 +29,9 @@ from pdmd.core.distributed import barrier, is_rank0
 from pdmd.core.errors import UserError, last_line
 from pdmd.core.method import PhaseTrainer
 from pdmd.export.pipelines import decode, save_media, vae_folder
-from pdmd.run.console import report_user_error
+from pdmd.run.console import progress_bar, report_user_error
 from pdmd.run.metrics import MetricsLogger
-from pdmd.run.rundir import RunDir, tree_hash
+from pdmd.run.rundir import RunDir, tree_hash, tree_size
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
@@ -102,12 +102,23 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     owner = phases[0]
     entry = manifest["phases"][owner - 1]
     plan = cfg.phase_plan()
-    if len(phases) == 1:
-        earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"])) for e in manifest["phases"][: owner - 1]}
-        backend.setup_phase(owner, entry["student_expert"], earlier, plan.renoise_interval(owner))
-    else:
-        backend.setup_interleaved({k: (manifest["phases"][k - 1]["student_expert"], plan.renoise_interval(k))
-                                   for k in phases})
+    label = "+".join(map(str, phases))
+    tic = time.perf_counter()
+    roles: list[str] = []
+    with progress_bar(None, f"phase {label}: building roles", unit="role", enabled=cfg.logging.progress) as bar:
+        backend.on_built = lambda name: (roles.append(name), bar.set_postfix_str(name, refresh=False), bar.update(1))
+        try:
+            if len(phases) == 1:
+                earlier = {e["index"]: (e["student_expert"], str(run.path / e["expert"]))
+                           for e in manifest["phases"][: owner - 1]}
+                backend.setup_phase(owner, entry["student_expert"], earlier, plan.renoise_interval(owner))
+            else:
+                backend.setup_interleaved({k: (manifest["phases"][k - 1]["student_expert"], plan.renoise_interval(k))
+                                           for k in phases})
+        finally:
+            backend.on_built = None
+    if is_rank0():
+        print(f"phase {label}: roles {', '.join(roles)} built in {time.perf_counter() - tic:.1f}s", flush=True)
     data_cfg = PromptDataConfig.from_dict({**cfg.data, "batch_size": cfg.train.micro_batch_size * cfg.train.num_micro_batches,
                                            "seed": cfg.seed, "text_dim": backend.text_dim})
     loader = PromptLoader(data_cfg, dp_rank=backend.dp_rank, dp_size=backend.dp_size)
@@ -136,7 +147,8 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     bad = {k: int(bad_saved.get(str(k), 0)) for k in phases}  # steps in a row skipped; survives a resume
     steps, n = cfg.train.steps, len(phases)
     total = steps * n  # iterations; each phase gets train.steps generator updates
-    bar = _progress(cfg, "+".join(map(str, phases)), start, total)
+    bar = _progress(cfg, label, start, total)
+    console_every = cfg.logging.console_every or max(1, steps // 20)  # batch logs: ~20 lines a phase
     loop_start = time.perf_counter()
     try:
         for it in range(start, total):
@@ -178,6 +190,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             if (step + 1) % cfg.train.log_every == 0:
                 logger.log(global_step, scalars)
                 logger.log_histogram(global_step, f"phase{k}/t", trainer.last_t)
+            if bar is not None or (step + 1) % console_every == 0 or step + 1 == steps:
                 eta = (time.perf_counter() - loop_start) / (it + 1 - start) * (total - it - 1)
                 line = (f"phase {k} step {step + 1}/{steps} generator_loss={gen['generator_loss']:.4g} "
                         f"fake_loss={scalars[f'phase{k}/fake_loss']:.4g} ({elapsed:.2f}s; eta {_duration(eta)})")
@@ -217,16 +230,27 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     finally:
         if bar is not None:
             bar.close()
-    for k in phases:
+    digests = {}
+    for k in phases:  # every expert written before any phase is marked done (interleaved: all or none)
+        tic = time.perf_counter()
         backend.activate(k)
         backend.save_expert(run.expert_dir(k))
-    barrier()
+        barrier()
+        if is_rank0():
+            saved = time.perf_counter() - tic
+            digests[k] = tree_hash(run.expert_dir(k), desc=f"phase {k}: hashing the expert")
+            print(f"phase {k}: expert saved to {run.expert_dir(k)} ({_size(tree_size(run.expert_dir(k)))}) "
+                  f"in {saved:.1f}s, hashed in {time.perf_counter() - tic - saved:.1f}s", flush=True)
     if is_rank0():
         for k in phases:
             run.update_phase(k, status="done", step=steps, expert=str(run.expert_dir(k).relative_to(run.path)),
-                             expert_hash=tree_hash(run.expert_dir(k)))
+                             expert_hash=digests[k])
     barrier()
     return 0
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
 
 
 def _duration(seconds: float) -> str:
@@ -256,7 +280,8 @@ def _text(backend, batch: dict) -> torch.Tensor:
 
 
 def _progress(cfg: RunConfig, k: int | str, start: int, steps: int):
-    """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get one line per step instead."""
+    """A tqdm bar on rank 0 when the console is a terminal; batch logs (Slurm) get a line every
+    ``logging.console_every`` steps instead."""
     if not (cfg.logging.progress and is_rank0() and sys.stderr.isatty()):
         return None
     from tqdm import tqdm

@@ -115,7 +115,8 @@ def started(tiny):
 
     root, overrides = tiny
     tiny_vae().save_pretrained(root / "vae")  # previews: logging settings are not part of the run's identity
-    extras = {"full": ["logging.sample_every=2", "logging.sample_count=2", f"logging.vae={root / 'vae'}"],
+    extras = {"full": ["logging.sample_every=2", "logging.sample_count=2", f"logging.vae={root / 'vae'}",
+                       "logging.console_every=3"],
               "interleaved_full": INTERLEAVED,
               # A CFG scale this large overflows fp32: every DMD target is inf/nan, every generator step skipped.
               "nan": ["method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"]}
@@ -129,6 +130,13 @@ def started(tiny):
 def full_run(tiny, started):
     proc = started["full"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # a batch log (no terminal): what was built, a step line every logging.console_every steps and the
+    # phase's last, the expert's save and hash
+    lines = proc.stdout.splitlines()
+    assert "phase 1: roles teacher0, student, fake0 built in" in proc.stdout
+    assert [line.split(" generator_loss")[0] for line in lines if " step " in line] == [
+        f"phase {k} step {n}/4" for k in (1, 2) for n in (3, 4)]
+    assert sum(line.startswith(f"phase {k}: expert saved to") for line in lines for k in (1, 2)) == 2
     return tiny[0] / "full"
 
 

@@ -136,7 +136,8 @@ class WandbConfig:
 class LoggingConfig:
     """What the run shows while it trains; left out of the run's identity (changing it never blocks a resume)."""
 
-    progress: bool = True  # a progress bar on the console (rank 0, interactive terminals only)
+    progress: bool = True  # progress bars on the console (rank 0, interactive terminals only)
+    console_every: int = 0  # without a terminal (Slurm logs): a step line every N steps; 0 = ~20 a phase
     sample_every: int = 0  # decode preview samples every N generator steps (0 = never; needs vae)
     sample_count: int = 2  # previews per logging step: the first prompts of the data set, fixed noise
     vae: str | None = None  # AutoencoderKLWan folder, or a pipeline folder with vae/ (e.g. the teacher's)
@@ -489,6 +490,9 @@ def validate(cfg: RunConfig) -> None:
     log = cfg.logging
     if not isinstance(log.sample_every, int) or log.sample_every < 0:
         raise ConfigError(f"logging.sample_every={log.sample_every!r} must be an integer >= 0 (0 = no previews)")
+    if not isinstance(log.console_every, int) or log.console_every < 0:
+        raise ConfigError(f"logging.console_every={log.console_every!r} must be an integer >= 0 (0 = about 20 lines "
+                          "a phase)")
     if not isinstance(log.sample_count, int) or log.sample_count < 1:
         raise ConfigError(f"logging.sample_count={log.sample_count!r} must be an integer >= 1")
     if log.sample_every and not log.vae:

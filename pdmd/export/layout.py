@@ -143,7 +143,7 @@ def read_run(run_dir: str | Path, teacher: str | Path | None = None, check_hashe
         if not (expert / "metadata.json").is_file():
             raise ExportError(f"phase {k} is done but its expert checkpoint {expert} is missing or incomplete "
                               "(no metadata.json): restore it, or rerun the phase")
-        if check_hashes and entry.get("expert_hash") and tree_hash(expert) != entry["expert_hash"]:
+        if check_hashes and entry.get("expert_hash") and tree_hash(expert, desc=f"checking phase {k}'s expert") != entry["expert_hash"]:
             raise ExportError(f"the expert checkpoint of phase {k} at {expert} changed since training wrote it "
                               "(hash mismatch with manifest.json): restore it or rerun that phase")
         ckpts = entry.get("checkpoints") or []

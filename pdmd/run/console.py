@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from typing import Any
 
 # (message regex, category, module regex, why it is safe to hide)
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
@@ -24,6 +25,17 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
     (r"`load_state_dict` is deprecated", FutureWarning, r"megatron\.core\.dist_checkpointing",
      "megatron-core's distributed checkpoint loader calls the old torch API; nothing for a user to change"),
 )
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, **kwargs: Any):
+    """A tqdm bar on rank 0 of an interactive console; disabled (a no-op object) in batch logs and on other
+    ranks, where the commands print one-line summaries instead."""
+    from tqdm import tqdm
+
+    from pdmd.core.distributed import is_rank0
+
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
+                disable=not (enabled and is_rank0() and sys.stderr.isatty()), **kwargs)
 
 
 def quiet_known_warnings() -> None:

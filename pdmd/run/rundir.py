@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pdmd.core.content import PATH_KEYS, get
+from pdmd.run.console import progress_bar
 
 MANIFEST = "manifest.json"
 STATUSES = ("pending", "running", "done", "failed")
@@ -39,15 +40,25 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True))
 
 
-def tree_hash(folder: Path) -> str:
-    """sha256 over the names and bytes of every file under ``folder`` (sorted)."""
+def tree_hash(folder: Path, desc: str | None = None) -> str:
+    """sha256 over the names and bytes of every file under ``folder`` (sorted); ``desc`` shows a byte progress
+    bar on an interactive console (an A14B expert is ~28 GB: minutes)."""
     h = hashlib.sha256()
-    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(folder)).encode())
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    with progress_bar(sum(f.stat().st_size for f in files), desc or "", unit="B", enabled=desc is not None,
+                      unit_scale=True, unit_divisor=1024) as bar:
+        for f in files:
+            h.update(str(f.relative_to(folder)).encode())
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(chunk)
+                    bar.update(len(chunk))
     return h.hexdigest()
+
+
+def tree_size(folder: Path) -> int:
+    """Bytes of every file under ``folder``."""
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
 class RunDir:
@@ -187,6 +198,6 @@ class RunDir:
                 raise ValueError(f"phase {k} needs phase {entry['index']} done first (it is {entry['status']}): "
                                  f"run --phase {entry['index']} or --phase auto")
             expert = self.path / entry["expert"]
-            if tree_hash(expert) != entry["expert_hash"]:
+            if tree_hash(expert, desc=f"checking phase {entry['index']}'s expert") != entry["expert_hash"]:
                 raise ValueError(f"the expert checkpoint of phase {entry['index']} at {expert} changed since it was "
                                  "written (hash mismatch): restore it or rerun that phase")

@@ -30,7 +30,7 @@ def _pdmd(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    return out, _pdmd("demo", "--fast", "--out", str(out)).stdout
+    return out, _pdmd("demo", "--fast", "--out", str(out), "--wandb", "offline").stdout
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +53,9 @@ def test_demo_writes_results_plots_and_exports(demo):
     out, stdout = demo
     for name in ("results.md", "results.json", "task.json", "loss_curves.png", "samples_prompt0.png", "metrics.png"):
         assert (out / name).is_file(), name
+    (offline,) = (out / "wandb").glob("offline-run-*")  # --wandb offline: the same figures and the table
+    images = list(offline.rglob("media/images/figures/*.png"))
+    assert len(images) == len(list(out.glob("*.png"))) >= 3 and list(offline.rglob("media/table/results_*.json"))
     for method in ("phased_dmd", "dmd2_sgts"):
         assert (_one(out / "exports", f"{method}_seed0_") / "model_index.json").is_file()
         manifest = json.loads((_one(out / "runs", f"{method}_seed0_") / "manifest.json").read_text())

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="extra trainer overrides for every distillation (e.g. student.beta1=0.9)")
     p.add_argument("--fast", action="store_true", help="start from the smoke-test settings of pdmd demo --fast")
     p.add_argument("--json", help="also write the results JSON here")
+    p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled",
+                   help="also log the results table and the figures to W&B (project phased-dmd-bench)")
 
 
 OPTIONS = ("prompts", "modes", "groups", "latent_shape", "task_seed", "seeds", "num_steps", "phases", "distill_steps",
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"pdmd bench toy: {exc}", file=sys.stderr)
         return 2
-    result = run_and_report(Path(args.out), settings, "pdmd bench toy")
+    result = run_and_report(Path(args.out), settings, "pdmd bench toy", args.wandb)
     if result is None:
         return 1
     if args.json:

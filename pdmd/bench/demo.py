@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="outputs/demo", help="where the teacher, shards, runs, exports and results go")
     p.add_argument("--fast", action="store_true", help="smoke-test size (CI): every stage runs, the numbers are rough")
     p.add_argument("--seeds", type=int, nargs="+", help="distillation seeds (default: 0); each method runs once per seed")
+    p.add_argument("--wandb", choices=["disabled", "offline", "online"], default="disabled",
+                   help="also log the results table and the figures to W&B (project phased-dmd-bench)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -28,4 +30,4 @@ def run(args: argparse.Namespace) -> int:
     settings = BenchSettings.fast() if args.fast else BenchSettings.demo()
     if args.seeds:
         settings.seeds = tuple(args.seeds)
-    return 0 if run_and_report(Path(args.out), settings, "pdmd demo") is not None else 1
+    return 0 if run_and_report(Path(args.out), settings, "pdmd demo", args.wandb) is not None else 1

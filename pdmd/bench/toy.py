@@ -537,15 +537,40 @@ def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
     (out / "results.md").write_text("\n".join(md) + "\n")
 
 
-def run_and_report(out: Path, settings: BenchSettings, command: str) -> dict[str, Any] | None:
-    """Run the benchmark and print its report; None (after saying why) when the teacher fails its gate."""
+def run_and_report(out: Path, settings: BenchSettings, command: str, wandb_mode: str = "disabled"
+                   ) -> dict[str, Any] | None:
+    """Run the benchmark and print its report (and, with ``wandb_mode`` offline/online, log its table and
+    figures to a W&B run); None (after saying why) when the teacher fails its gate."""
     try:
         result = run_benchmark(out, settings, progress=sys.stderr.isatty())
     except TeacherGateFailed as exc:
         print(f"{command}: the teacher is not worth distilling.\n{exc}", file=sys.stderr)
         return None
     report(result, out)
+    if wandb_mode != "disabled":
+        log_to_wandb(result, out, wandb_mode, command)
     return result
+
+
+def log_to_wandb(result: dict[str, Any], out: Path, mode: str, command: str) -> None:
+    """The results table (one row per method) and every figure of ``out`` as images, in one W&B run of the
+    project ``phased-dmd-bench`` (files under out/wandb; ``wandb sync`` an offline one later)."""
+    import os
+
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    run = wandb.init(mode=mode, project="phased-dmd-bench", name=command.replace("pdmd ", ""), dir=str(out),
+                     config=result["settings"])
+    columns = ["method", "nfe", "coverage", "tv", "spread_ratio", "spread_ratio_to_ref", "precision", "nll_per_dim"]
+    table = wandb.Table(columns=["label", *columns])
+    for label, m in result["methods"].items():
+        table.add_data(label, *(m.get(c) for c in columns))
+    figures = {f"figures/{p.stem}": wandb.Image(str(p), caption=p.stem) for p in sorted(out.glob("*.png"))}
+    run.log({"results": table, **figures})
+    run.summary.update({f"{label}/{c}": m.get(c) for label, m in result["methods"].items() for c in columns[2:]})
+    run.finish()
+    print(f"W&B ({mode}): results table and {len(figures)} figures logged under {out / 'wandb'}")
 
 
 def report(result: dict[str, Any], out: Path) -> None:

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -48,6 +49,15 @@ def _readme_commands() -> list[str]:
     return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
 
 
+DOCS_WITH_CPU_BLOCKS = ("docs/data.md", "docs/training.md", "docs/export.md", "docs/plan.md")
+
+
+def _doc_blocks(doc: str) -> list[str]:
+    """The ``bash`` blocks of a doc that follow a ``cpu-commands`` marker."""
+    parts = (ROOT / doc).read_text().split("<!-- cpu-commands")[1:]
+    return [part.split("```bash\n", 1)[1].split("```", 1)[0] for part in parts]
+
+
 def test_readme_first_distillation_runs_as_written(tmp_path):
     """The README's first-distillation block, line by line, in a fresh working directory that has only the
     recipes (the recipe's relative paths are where `pdmd tiny` writes); `pdmd` is this checkout's CLI. The
@@ -66,6 +76,7 @@ def test_readme_first_distillation_runs_as_written(tmp_path):
         assert proc.returncode == 0, (command, proc.stderr[-3000:])
         if command.startswith(("pdmd train", "python tools/convert")):  # the known third-party warnings are filtered
             assert "Warning:" not in proc.stderr, (command, proc.stderr[-3000:])
+    assert proc.stdout.strip().endswith("(5, 64, 64, 3)")
     manifest = read_manifest(tmp_path / "runs" / "tiny")
     assert all(p["status"] == "done" for p in manifest["phases"])
     assert manifest["config"]["model"]["teacher"]["path"] == str(tmp_path / "outputs" / "tiny" / "teacher")
@@ -74,5 +85,29 @@ def test_readme_first_distillation_runs_as_written(tmp_path):
                             "--run-dir", str(tmp_path / "runs" / "tiny")], cwd=tmp_path / "elsewhere",
                            capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0 and "phases done: [1, 2]" in again.stdout, again.stderr[-3000:]
+
+    # then the docs' CPU blocks, as a shell runs them, in the same directory (`pdmd` and tools/ as installed)
+    (tmp_path / "bin").mkdir()
+    shim = tmp_path / "bin" / "pdmd"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m pdmd.cli "$@"\n')
+    shim.chmod(0o755)
+    (tmp_path / "tools").symlink_to(ROOT / "tools")
+    shell_env = {**env, "PATH": f"{tmp_path / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}"}
+    outputs = {}
+    for doc in DOCS_WITH_CPU_BLOCKS:
+        blocks = _doc_blocks(doc)
+        assert blocks, f"{doc} has no cpu-commands block"
+        for block in blocks:
+            ran = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, capture_output=True,
+                                 text=True, env=shell_env, timeout=600)
+            assert ran.returncode == 0, (doc, block, ran.stdout[-2000:], ran.stderr[-3000:])
+            outputs[doc] = outputs.get(doc, "") + ran.stdout
+
+    assert all(p["status"] == "done" for p in read_manifest(tmp_path / "runs" / "phased")["phases"])
+    assert "phases done: [1, 2]" in outputs["docs/training.md"].splitlines()[-1]
+    assert read_manifest(tmp_path / "runs" / "my_prompts")["config"]["data"]["shards"] == str(
+        tmp_path / "outputs" / "my_shards")
+    assert "PASS" in outputs["docs/export.md"] and (tmp_path / "samples" / "cat.safetensors").is_file()
+    assert outputs["docs/plan.md"].count("layouts: ") == 2  # each command's table of fitting layouts
     assert (tmp_path / "samples" / "fox_0.gif").is_file()
-    assert proc.stdout.strip().endswith("(5, 64, 64, 3)")
+

@@ -1,8 +1,10 @@
-"""The trainer backend computes at TP=2 (+ SP), at PP=2, with 2 micro-batches and with full activation
-recomputation (TP=2 + SP) what it computes at TP=1 with one, for both model families: teacher velocities,
+"""The trainer backend computes at TP=2 (+ SP), at PP=2 (even, and uneven: 3 blocks over 2 stages, split
+automatically or by parallel.pp_layers), with 2 micro-batches and with full activation recomputation
+(TP=2 + SP) what it computes at TP=1 with one, for both model families: teacher velocities,
 the student's update loss and every student gradient (through the schedule, DDP, finalize and the
 distributed optimizer). For Qwen-Image (model.kind=qwen-image) the TP=1 teacher velocity is also diffusers'
-QwenImageTransformer2DModel on the pipeline's packed latents, sigma timesteps and padded text mask."""
+QwenImageTransformer2DModel on the pipeline's packed latents, sigma timesteps and padded text mask. A student
+checkpoint written at one pipeline split loads at another."""
 
 from __future__ import annotations
 
@@ -25,7 +27,11 @@ LAYOUTS = {
     "qwen": {"tp1": (1, []), "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
              "pp2": (2, ["parallel.pp=2"]),
              "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full"])},
+    # 3-block teachers: pipeline stages of unequal size (pdmd/core/pipeline_split.py), automatic or given
+    "wan3": {"tp1": (1, []), "pp2_uneven": (2, ["parallel.pp=2"])},
+    "qwen3": {"tp1": (1, []), "pp2_given": (2, ["parallel.pp=2", "parallel.pp_layers=[2,1]"])},
 }
+STAGES = {("wan3", "pp2_uneven"): [(0, 1), (1, 2)], ("qwen3", "pp2_given"): [(0, 2), (2, 1)]}
 CASES = [(family, layout) for family, layouts in LAYOUTS.items() for layout in layouts if layout != "tp1"]
 
 
@@ -60,7 +66,7 @@ def _qwen_diffusers_velocity(cfg, x, t, embeds, mask):
     return unpack_latents(v, h, w)
 
 
-def _step(rank, world_size, family, overrides):
+def _step(rank, world_size, family, overrides, save_to=None):
     from megatron.core import parallel_state
 
     from megatron_adapters.backend import MegatronBackend
@@ -90,25 +96,66 @@ def _step(rank, world_size, family, overrides):
     model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
     result = backend.train_step("student", x, t_in, text, loss_fn)
     grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
+    if save_to is not None:  # the updated student, to be read back at another split
+        from megatron.core import dist_checkpointing
+
+        dist_checkpointing.save(model.sharded_state_dict(prefix="student."), save_to)
+        out["state"] = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     return dict(out, pp=parallel_state.get_pipeline_model_parallel_rank(),
                 tp=parallel_state.get_tensor_model_parallel_rank(), first=model.layer_offset, count=len(model.blocks),
                 loss=result["loss"], grads=grads, block_calls=len(calls))
 
 
+def _load(rank, world_size, family, overrides, ckpt):
+    """Phase 2's student built at this layout, loaded from a checkpoint another split wrote."""
+    from megatron.core import dist_checkpointing, parallel_state
+
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.config import load_config
+
+    cfg = load_config(RECIPES[family], overrides)
+    backend = MegatronBackend(cfg)
+    backend.setup_phase(2, 1 if family == "wan" else 0, {}, cfg.phase_plan().renoise_interval(2))
+    model = backend.trainables["student"].model
+    loaded = dist_checkpointing.load(model.sharded_state_dict(prefix="student."), ckpt)
+    model.load_state_dict({k.removeprefix("student."): v for k, v in loaded.items()}, strict=False)
+    return dict(pp=parallel_state.get_pipeline_model_parallel_rank(), tp=parallel_state.get_tensor_model_parallel_rank(),
+                first=model.layer_offset, count=len(model.blocks),
+                grads={k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")})
+
+
 @pytest.fixture(scope="module")
-def layouts(request):
-    """(family, layout) -> every rank's result, run on first use (a family's teacher is built only then)."""
+def three_block_teachers(tmp_path_factory):
+    from pdmd.bench.tiny_models import write_tiny_qwen_image_teacher, write_tiny_wan22_teacher
+
+    root = tmp_path_factory.mktemp("three_blocks")
+    return {"wan3": write_tiny_wan22_teacher(root / "wan", num_layers=3),
+            "qwen3": write_tiny_qwen_image_teacher(root / "qwen", num_layers=3)}
+
+
+@pytest.fixture(scope="module")
+def layouts(request, tmp_path_factory):
+    """(family, layout) -> every rank's result, run on first use (a family's teacher is built only then).
+    The uneven split's run also saves its updated student (``ckpt``) for the resharding test."""
     cache = {}
+    ckpt = str(tmp_path_factory.mktemp("uneven_ckpt"))
+
+    def overrides(family, layout):
+        base_family = family.rstrip("3")
+        tiny = request.getfixturevalue("wan_tiny" if base_family == "wan" else "qwen_tiny")
+        teacher = request.getfixturevalue("three_block_teachers")[family] if family.endswith("3") else tiny.teacher
+        # a full student: every parameter's gradient is compared; the backend never opens the shards
+        base = [f"model.teacher.path={teacher}", f"data.shards={tiny.shards}", "student.lora=null"]
+        return base_family, base + LAYOUTS[family][layout][1]
 
     def get(family, layout):
         if (family, layout) not in cache:
-            tiny = request.getfixturevalue("wan_tiny" if family == "wan" else "qwen_tiny")
-            # a full student: every parameter's gradient is compared; the backend never opens the shards
-            base = [f"model.teacher.path={tiny.teacher}", f"data.shards={tiny.shards}", "student.lora=null"]
-            world, extra = LAYOUTS[family][layout]
-            cache[family, layout] = run_ranks(_step, world, family, base + extra)
+            base_family, argv = overrides(family, layout)
+            save = ckpt if (family, layout) == ("wan3", "pp2_uneven") else None
+            cache[family, layout] = run_ranks(_step, LAYOUTS[family][layout][0], base_family, argv, save)
         return cache[family, layout]
 
+    get.ckpt, get.overrides = ckpt, overrides
     return get
 
 
@@ -120,7 +167,7 @@ def _diffusers_grads(family, ranks):
     from megatron_adapters.families.wan.convert import wan_rules
     from pdmd.bench.tiny_models import TINY_QWEN_IMAGE, TINY_WAN
 
-    rules = (wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})) if family == "wan"
+    rules = (wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})) if family.startswith("wan")
              else qwen_image_rules(QwenImageConfig.from_dict(TINY_QWEN_IMAGE)))
     shards = {(r["pp"], r["tp"]): r["grads"] for r in ranks}
     pp = max(r["pp"] for r in ranks) + 1
@@ -131,6 +178,8 @@ def _diffusers_grads(family, ranks):
 @pytest.mark.parametrize("family, layout", CASES, ids=[f"{f}-{lay}" for f, lay in CASES])
 def test_backend_layout_equals_single_rank(layouts, family, layout):
     ref, other = layouts(family, "tp1"), layouts(family, layout)
+    if (family, layout) in STAGES:  # (first block, blocks) of each pipeline stage
+        assert sorted({(r["first"], r["count"]) for r in other}) == STAGES[family, layout]
     passes = 2 if layout.endswith("mb2") else 1  # micro-batches
     recomputed = 2 if layout.endswith("recompute") else 1  # the backward runs each block's forward again
     assert {r["block_calls"] for r in other if r["first"] == 0} == {passes * recomputed}
@@ -151,3 +200,17 @@ def test_qwen_teacher_velocity_is_diffusers_on_the_pipelines_inputs(layouts):
     # the mask travels with the text: unmasking the padded prompt changes its velocity, not the other one's
     assert rel_err(r["v_unmasked"][0], r["v"][0]) <= 1e-6
     assert rel_err(r["v_unmasked"][1], r["v"][1]) > 1e-3
+
+
+def test_a_checkpoint_of_one_pipeline_split_loads_at_another(layouts):
+    """The student updated at blocks [1 | 2] over two stages, read back at [2 | 1] and at one stage: the
+    same tensors (checkpoints name blocks by their global index)."""
+    saved = layouts("wan3", "pp2_uneven")
+    want = _diffusers_grads("wan3", [dict(r, grads=r["state"]) for r in saved])
+    for layout_overrides, world in ((["parallel.pp=2", "parallel.pp_layers=[2,1]"], 2), ([], 1)):
+        family, argv = layouts.overrides("wan3", "tp1")
+        ranks = run_ranks(_load, world, family, argv + layout_overrides, layouts.ckpt)
+        if world == 2:
+            assert sorted((r["first"], r["count"]) for r in ranks) == [(0, 2), (2, 1)]
+        got = _diffusers_grads("wan3", ranks)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

@@ -48,6 +48,18 @@ def test_inconsistent_rank_is_an_error():
 
 def test_valid_layout_gives_data_parallel_size():
     assert validate_layout(ParallelLayout(tp=2, pp=2, cp=2), 16, num_heads=40, num_layers=40, seq_len=32760) == 2
+    assert validate_layout(ParallelLayout(pp=4), 8, num_layers=30) == 2  # TI2V-5B: [7, 8, 8, 7]
+
+
+def test_pipeline_splits_give_the_extra_blocks_to_the_middle_stages():
+    from pdmd.core.pipeline_split import pipeline_split, stage_offset
+
+    assert pipeline_split(40, 4) == [10, 10, 10, 10]
+    assert pipeline_split(30, 4) == [7, 8, 8, 7]  # Wan2.2 TI2V-5B
+    assert pipeline_split(60, 8) == [7, 8, 8, 8, 8, 7, 7, 7]  # Qwen-Image
+    assert pipeline_split(3, 2) == [1, 2] and pipeline_split(5, 1) == [5]
+    assert pipeline_split(30, 4, [8, 7, 7, 8]) == [8, 7, 7, 8]
+    assert [stage_offset([7, 8, 8, 7], s) for s in range(4)] == [0, 7, 15, 23]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +67,10 @@ def test_valid_layout_gives_data_parallel_size():
     [
         (ParallelLayout(tp=4, pp=2), 12, {}, "world size 12 is not divisible by tp\\*pp\\*cp = 4\\*2\\*1 = 8"),
         (ParallelLayout(tp=3), 3, {"num_heads": 40}, "tp=3 does not divide the model's 40 attention heads"),
-        (ParallelLayout(pp=3), 3, {"num_layers": 40}, "40 layers do not split evenly over pp\\*vpp = 3"),
+        (ParallelLayout(pp=4, vpp=3), 4, {"num_layers": 30}, "30 layers do not split evenly over pp\\*vpp = 12"),
+        (ParallelLayout(pp=4), 4, {"num_layers": 3}, "3 layers cannot fill pp=4 pipeline stages"),
+        (ParallelLayout(pp=3, pp_layers=(10, 10, 10)), 3, {"num_layers": 40},
+         "pp_layers=\\[10, 10, 10\\]: give pp=3 stage sizes, each >= 1, that sum to the model's 40 layers"),
         (ParallelLayout(cp=2, tp=2, sequence_parallel=True), 4, {"seq_len": 30},
          "30 tokens do not split evenly over cp=2 x tp=2"),
         (ParallelLayout(tp=0), 1, {}, "parallel.tp=0"),

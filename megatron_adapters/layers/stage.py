@@ -1,7 +1,7 @@
 """What every DiT stage shares: its place in the pipeline, token sharding, and a reshardable checkpoint.
 
-A model subclasses ``PipelineStage``, builds its ``blocks`` (this stage's share, numbered globally
-from ``layer_offset``) and names in ``pp_replicated`` the children that every pipeline stage holds
+A model subclasses ``PipelineStage``, builds its ``blocks`` (this stage's share, even or not:
+pdmd/core/pipeline_split.py, numbered globally from ``layer_offset``) and names in ``pp_replicated`` the children that every pipeline stage holds
 (condition embedders). Those are tagged ``pipeline_parallel`` so ``finalize_model_grads`` sums their
 gradients over PP (with ``config.has_cond_embedder``), and are saved once, from stage 0.
 """
@@ -18,6 +18,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_adapters.conversion import Layout
 from megatron_adapters.runtime.comm import cp_group, split_for_rank
+from megatron_adapters.runtime.parallel import stage_layers
 
 
 def stage_flags() -> dict[str, bool]:
@@ -37,11 +38,8 @@ class PipelineStage(MegatronModule):
         self.share_embeddings_and_output_weights = False
         self.pre_process, self.post_process = pre_process, post_process
         self.input_tensor: torch.Tensor | None = None
-        pp_size = parallel_state.get_pipeline_model_parallel_world_size()
-        if num_layers % pp_size:
-            raise ValueError(f"{num_layers} layers do not split over pp={pp_size} stages")
-        self.layers_per_stage = num_layers // pp_size
-        self.layer_offset = parallel_state.get_pipeline_model_parallel_rank() * self.layers_per_stage
+        # this stage's blocks: an even split, an uneven one, or parallel.pp_layers (stage_layers)
+        self.layer_offset, self.layers_per_stage = stage_layers(num_layers)
 
     def tag_pipeline_replicated(self, module: torch.nn.Module) -> None:
         """Mark a child every stage holds: its gradients are summed over the PP group."""

@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from megatron_adapters.runtime import cpu_compat
 from pdmd.core.distributed import free_port
+from pdmd.core.pipeline_split import pipeline_split, stage_offset
 
 
 class LayoutError(ValueError):
@@ -35,6 +36,7 @@ class ParallelLayout:
     cp: int = 1
     sequence_parallel: bool = False
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
+    pp_layers: tuple[int, ...] | None = None  # blocks per pipeline stage (None: pdmd/core/pipeline_split.py)
 
     @property
     def model_parallel_size(self) -> int:
@@ -151,10 +153,15 @@ def validate_layout(
         raise LayoutError(f"parallel.tp={layout.tp} does not divide the model's {num_heads} attention heads")
     if num_layers is not None:
         stages = layout.pp * (layout.vpp or 1)
-        if num_layers % stages:
+        if (layout.vpp or 1) > 1 and (num_layers % stages or layout.pp_layers is not None):
             raise LayoutError(
-                f"the model's {num_layers} layers do not split evenly over pp*vpp = {stages} pipeline stages"
+                f"the model's {num_layers} layers do not split evenly over pp*vpp = {stages} pipeline stages "
+                "(virtual stages need an even split)"
             )
+        try:
+            pipeline_split(num_layers, layout.pp, layout.pp_layers)
+        except ValueError as exc:
+            raise LayoutError(str(exc)) from None
     if seq_len is not None:
         shards = layout.cp
         if layout.sequence_parallel and layout.tp > 1:
@@ -215,6 +222,8 @@ def initialize(
         distributed_timeout_minutes=max(1, int(timeout_minutes)),
     )
     model_parallel_cuda_manual_seed(seed)
+    global _PP_LAYERS
+    _PP_LAYERS = layout.pp_layers
     return ParallelContext(
         layout=layout,
         env=env,
@@ -226,6 +235,21 @@ def initialize(
         dp_rank=parallel_state.get_data_parallel_rank(),
         dp_size=dp_size,
     )
+
+
+_PP_LAYERS: tuple[int, ...] | None = None  # the initialized layout's parallel.pp_layers
+
+
+def stage_layers(num_layers: int) -> tuple[int, int]:
+    """(first global block, block count) of this pipeline rank's stage of a ``num_layers`` model: the
+    layout's ``pp_layers`` when they are this model's, else pdmd/core/pipeline_split.py's split."""
+    from megatron.core import parallel_state
+
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    given = _PP_LAYERS if _PP_LAYERS is not None and sum(_PP_LAYERS) == num_layers else None
+    split = pipeline_split(num_layers, pp, given)
+    rank = parallel_state.get_pipeline_model_parallel_rank()
+    return stage_offset(split, rank), split[rank]
 
 
 def shutdown() -> None:

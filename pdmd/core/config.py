@@ -67,6 +67,9 @@ class ParallelConfig:
     cp: int = 1
     sequence_parallel: bool = False
     timeout_minutes: float = 10.0  # collective timeout: a rank stuck this long fails the job (then requeued)
+    # blocks per pipeline stage, e.g. [7, 8, 8, 7] for TI2V-5B's 30 at pp=4; null: even, or the middle stages
+    # take the extra blocks (pdmd/core/pipeline_split.py)
+    pp_layers: list[int] | None = None
 
 
 @dataclass
@@ -445,6 +448,11 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg.parallel, key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
+    given = cfg.parallel.pp_layers
+    if given is not None and (not isinstance(given, list) or len(given) != cfg.parallel.pp
+                              or any(not isinstance(n, int) or n < 1 for n in given)):
+        raise ConfigError(f"parallel.pp_layers={given!r}: one block count >= 1 per pipeline stage "
+                          f"(parallel.pp={cfg.parallel.pp} of them), or null for an automatic split")
     _positive(cfg.parallel.timeout_minutes, "parallel.timeout_minutes",
               "minutes a collective may wait before the job fails (checkpoint saves of 14B models need several)")
     try:

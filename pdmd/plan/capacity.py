@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from pdmd.core.pipeline_split import pipeline_split
+
 # Split of a tensor over tensor-parallel ranks: "col" (output features/heads), "row" (input features,
 # Row-parallel weights), "rep" (replicated on every TP rank).
 SPLITS = ("col", "row", "rep")
@@ -199,7 +201,7 @@ def rank_tensors(tensors: list[ParamTensor], arch: Arch, tp: int, pp: int, stage
                  fp32: bool | None = None) -> list[int]:
     """Element counts of the tensors one rank (TP shard, pipeline stage) holds, one entry per tensor
     (only the fp32-kept ones, or only the others, when ``fp32`` is given)."""
-    per_stage = arch.layers // pp
+    per_stage = pipeline_split(arch.layers, pp)[stage]
     out = []
     for t in tensors:
         if t.place == "pre" and stage != 0 or t.place == "post" and stage != pp - 1:

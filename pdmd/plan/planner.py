@@ -22,6 +22,7 @@ from typing import Any
 
 from pdmd.core.config import ConfigError, RunConfig, _build
 from pdmd.core.errors import UserError
+from pdmd.core.pipeline_split import pipeline_split
 from pdmd.plan.capacity import (
     PRESETS,
     Arch,
@@ -256,7 +257,7 @@ def _role_bytes(w: Workload, lay: Layout, stage: int, kind: str) -> dict[str, fl
 def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -> dict[str, float]:
     """Saved activations of one training pass (student or fake) on the worst rank of ``stage``, and the
     transient working sets (training and no-grad passes)."""
-    arch, per_stage = w.arch, w.arch.layers // lay.pp
+    arch, per_stage = w.arch, pipeline_split(w.arch.layers, lay.pp)[stage]
     mb = w.micro_batch
     shard = Sharding(lay.tp, lay.sp, lay.cp)
     lora_rank = None if full else w.lora[0]
@@ -387,8 +388,8 @@ def layout_problem(w: Workload, lay: Layout, gpus: int) -> str | None:
         return f"tp x pp x cp x dp = {lay.tp * lay.pp * lay.cp * lay.dp} is not {gpus} GPUs"
     if a.heads % lay.tp or a.ffn % lay.tp:
         return f"tp={lay.tp} does not divide {a.heads} heads / ffn {a.ffn}"
-    if a.layers % lay.pp:
-        return f"pp={lay.pp} does not divide {a.layers} layers"
+    if a.layers < lay.pp:
+        return f"pp={lay.pp} is more stages than the {a.layers} layers"
     shards = lay.cp * (lay.tp if lay.sp else 1)
     for shape, _ in w.mix:
         if a.tokens(shape) % shards:

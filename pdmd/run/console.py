@@ -8,6 +8,8 @@ import sys
 import warnings
 from typing import Any
 
+from pdmd.core.distributed import is_rank0
+
 # (message regex, category, module regex, why it is safe to hide)
 KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
     ("Transformer Engine and Apex are not installed", UserWarning, r"megatron\.",
@@ -30,9 +32,7 @@ KNOWN_WARNINGS: tuple[tuple[str, type[Warning], str, str], ...] = (
 def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, **kwargs: Any):
     """A tqdm bar on rank 0 of an interactive console; disabled (a no-op object) in batch logs and on other
     ranks, where the commands print one-line summaries instead."""
-    from tqdm import tqdm
-
-    from pdmd.core.distributed import is_rank0
+    from tqdm import tqdm  # lazy: every command imports this module; most never show a bar
 
     return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False,
                 disable=not (enabled and is_rank0() and sys.stderr.isatty()), **kwargs)

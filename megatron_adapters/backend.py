@@ -192,7 +192,8 @@ class MegatronBackend:
         self.boundary = cfg.model.teacher.boundary
         layout = ParallelLayout(tp=cfg.parallel.tp, pp=cfg.parallel.pp, cp=cfg.parallel.cp,
                                 sequence_parallel=cfg.parallel.sequence_parallel,
-                                pp_layers=None if cfg.parallel.pp_layers is None else tuple(cfg.parallel.pp_layers))
+                                pp_layers=None if cfg.parallel.pp_layers is None else tuple(cfg.parallel.pp_layers),
+                                cp_comm=cfg.parallel.cp_comm)
         self.tokens = self.family.tokens(cfg.train.latent_shape)
         self.family.check_conditioning(cfg.data.get("conditioning"))
         heads, layers = self.family.num_heads, self.family.num_layers

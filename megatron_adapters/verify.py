@@ -28,6 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
+    p.add_argument("--cp-comm", choices=["all_gather", "ulysses"], default="all_gather",
+                   help="context-parallel attention: gather K/V, or Ulysses' all-to-all over heads")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     p.add_argument("--rtol", type=float, default=None, help="largest relative error that passes (1e-5 fp32, 2e-2 bf16)")
@@ -233,7 +235,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = case.config(json.loads((folder / "config.json").read_text()))
     dtype = DTYPES[args.dtype]
     rtol = args.rtol if args.rtol is not None else (1e-5 if dtype == torch.float32 else 2e-2)
-    ctx = initialize(ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, sequence_parallel=args.sp),
+    ctx = initialize(ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, sequence_parallel=args.sp,
+                                    cp_comm=args.cp_comm),
                      num_heads=cfg.num_attention_heads, num_layers=cfg.num_layers)
     torch.manual_seed(args.seed)
     inp = case.inputs(cfg, args, torch.Generator().manual_seed(args.seed))
@@ -258,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     worst = errors.max().item()
     passed = worst <= rtol and errors[0] >= 0
     if rank == 0:
-        layout = f"tp={args.tp} pp={args.pp} cp={args.cp} sp={args.sp} dtype={args.dtype}"
+        layout = f"tp={args.tp} pp={args.pp} cp={args.cp} ({args.cp_comm}) sp={args.sp} dtype={args.dtype}"
         print(f"verify_conversion: {args.model} {folder} at {layout}, rtol={rtol:g}")
         print(f"  output rel_err={errors[0].item():.3e}")
         if args.backward:

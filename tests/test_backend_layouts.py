@@ -22,10 +22,11 @@ RECIPES = {"wan": ROOT / "configs" / "tiny_wan22.yaml", "qwen": ROOT / "configs"
 # family -> layout -> (world size, overrides); "tp1" is the reference of its family
 LAYOUTS = {
     "wan": {"tp1": (1, []), "tp2": (2, ["parallel.tp=2"]), "pp2": (2, ["parallel.pp=2"]),
+            "cp2_ulysses": (2, ["parallel.cp=2", "parallel.cp_comm=ulysses"]),
             "tp1_mb2": (1, ["train.num_micro_batches=2"]),
             "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full"])},
     "qwen": {"tp1": (1, []), "tp2_sp": (2, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
-             "pp2": (2, ["parallel.pp=2"]),
+             "pp2": (2, ["parallel.pp=2"]), "cp2_ulysses": (2, ["parallel.cp=2", "parallel.cp_comm=ulysses"]),
              "tp2_recompute": (2, ["parallel.tp=2", "parallel.sequence_parallel=true", "model.recompute=full"])},
     # 3-block teachers: pipeline stages of unequal size (pdmd/core/pipeline_split.py), automatic or given
     "wan3": {"tp1": (1, []), "pp2_uneven": (2, ["parallel.pp=2"])},
@@ -94,15 +95,31 @@ def _step(rank, world_size, family, overrides, save_to=None):
     model = backend.trainables["student"].model
     calls = []
     model.blocks[0].register_forward_hook(lambda *_: calls.append(1))
-    result = backend.train_step("student", x, t_in, text, loss_fn)
+    import megatron_adapters.backend as backend_module
+
+    finalize, local = backend_module.finalize_model_grads, {}
+
+    def keep_local_grads(models, *args, **kwargs):  # before the distributed optimizer's reduce-scatter
+        local.update({k: p.main_grad.clone() for k, p in model.named_parameters()})
+        return finalize(models, *args, **kwargs)
+
+    backend_module.finalize_model_grads = keep_local_grads
+    try:
+        result = backend.train_step("student", x, t_in, text, loss_fn)
+    finally:
+        backend_module.finalize_model_grads = finalize
     grads = {k: p.main_grad.clone() for k, p in model.named_parameters()}
+    cp = parallel_state.get_context_parallel_world_size()
+    if cp > 1:  # each CP rank's own tokens' share (its loss scaled by cp); the test sums them over CP
+        grads = {k: g / cp for k, g in local.items()}
     if save_to is not None:  # the updated student, to be read back at another split
         from megatron.core import dist_checkpointing
 
         dist_checkpointing.save(model.sharded_state_dict(prefix="student."), save_to)
         out["state"] = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     return dict(out, pp=parallel_state.get_pipeline_model_parallel_rank(),
-                tp=parallel_state.get_tensor_model_parallel_rank(), first=model.layer_offset, count=len(model.blocks),
+                tp=parallel_state.get_tensor_model_parallel_rank(), cp_rank=parallel_state.get_context_parallel_rank(),
+                first=model.layer_offset, count=len(model.blocks),
                 loss=result["loss"], grads=grads, block_calls=len(calls))
 
 
@@ -169,7 +186,11 @@ def _diffusers_grads(family, ranks):
 
     rules = (wan_rules(WanConfig.from_dict({**TINY_WAN, "text_dim": 24})) if family.startswith("wan")
              else qwen_image_rules(QwenImageConfig.from_dict(TINY_QWEN_IMAGE)))
-    shards = {(r["pp"], r["tp"]): r["grads"] for r in ranks}
+    shards: dict = {}
+    for r in ranks:  # CP ranks: their tokens' shares summed (the distributed optimizer keeps only a slice reduced)
+        key = (r["pp"], r["tp"])
+        shards[key] = ({k: shards[key][k] + g for k, g in r["grads"].items()} if key in shards and r.get("cp_rank")
+                       else r["grads"])
     pp = max(r["pp"] for r in ranks) + 1
     stages = [next((r["first"], r["count"]) for r in ranks if r["pp"] == s) for s in range(pp)]
     return diffusers_from_shards(shards, rules, stages, max(r["tp"] for r in ranks) + 1)

@@ -47,6 +47,8 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     ("student.lr_decay=step", "student.lr_decay='step': choose one of"),
     ("student.ema=1.0", "student.ema=1.0 must be in"),
     ("fake.ema=0.9", "fake.ema: only the student keeps a moving average"),
+    ("parallel.cp_comm=te", "parallel.cp_comm='te': choose all_gather or ulysses"),
+    ("parallel.pp_layers=[1,2]", "one block count >= 1 per pipeline stage"),
     ("model.teacher.exact=/no/such/file.safetensors", "model.teacher.exact=/no/such/file.safetensors: no such file"),
 ])
 def test_bad_lever_values_name_the_key(teacher, override, message):

@@ -173,3 +173,24 @@ def test_checkpoint_saved_at_tp2_loads_at_tp1(reference, tp2):
     assert loaded.keys() == weights.keys()
     for name, value in loaded.items():
         assert torch.equal(value, weights[name]), name
+
+
+def _ulysses_all_to_all(rank, world_size):
+    import torch.distributed as dist
+
+    from megatron_adapters.runtime.comm import heads_to_sequence, sequence_to_heads
+
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(8, 2, 4, 3, generator=g), torch.randn(8, 2, 4, 3, generator=g)  # [tokens, b, heads, d]
+    # a strided view, as attention's q/k/v are (unbind of the fused projection)
+    mine = x.chunk(world_size, 0)[rank].transpose(0, 1).contiguous().transpose(0, 1).requires_grad_(True)
+    y = sequence_to_heads(mine, dist.group.WORLD)
+    (y * w.chunk(world_size, 2)[rank]).sum().backward()
+    return (torch.equal(y, x.chunk(world_size, 2)[rank]), torch.equal(heads_to_sequence(y, dist.group.WORLD), mine),
+            torch.equal(mine.grad, w.chunk(world_size, 0)[rank]))
+
+
+def test_ulysses_all_to_all_trades_tokens_for_heads_and_back():
+    """Rank r's tokens of every head -> every token of rank r's heads (and back), gradients the inverse."""
+    for result in run_ranks(_ulysses_all_to_all, 2):
+        assert result == (True, True, True)

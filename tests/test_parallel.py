@@ -74,6 +74,8 @@ def test_pipeline_splits_give_the_extra_blocks_to_the_middle_stages():
         (ParallelLayout(cp=2, tp=2, sequence_parallel=True), 4, {"seq_len": 30},
          "30 tokens do not split evenly over cp=2 x tp=2"),
         (ParallelLayout(tp=0), 1, {}, "parallel.tp=0"),
+        (ParallelLayout(tp=4, cp=4, cp_comm="ulysses"), 16, {"num_heads": 40},
+         "cp_comm=ulysses needs tp\\*cp = 16 to divide the model's 40 attention heads"),
         (ParallelLayout(vpp=2), 1, {}, "vpp=2 needs parallel.pp >= 2"),
     ],
 )

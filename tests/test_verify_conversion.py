@@ -94,7 +94,8 @@ def test_pipeline_folder_without_subfolder_says_what_to_do(one_rank):
 QWEN_SIZES = ["--height", "6", "--width", "8", "--text-len", "7", "--batch", "2"]  # 12 image tokens
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2", "--sp"], ["--pp", "2"], ["--cp", "2"]], ids=["tp2_sp", "pp2", "cp2"])
+@pytest.mark.parametrize("layout", [["--tp", "2", "--sp"], ["--pp", "2"], ["--cp", "2", "--cp-comm", "ulysses"]],
+                         ids=["tp2_sp", "pp2", "cp2_ulysses"])
 def test_qwen_image_with_padded_text_passes(qwen_dir, layout):
     proc = _run(2, "--diffusers", str(qwen_dir), "--subfolder", "transformer", *layout, "--backward", *QWEN_SIZES,
                 model="qwen-image")

@@ -2,10 +2,12 @@
 
 ``SDPAttention`` is the local (torch-only) core attention: bidirectional, with an optional key mask,
 through ``F.scaled_dot_product_attention`` (flash/memory-efficient kernels where torch has them, also
-on CPU). Under context parallelism each rank keeps its queries and all-gathers keys and values over the
-CP group (exact; gradients flow back to the rank that owns each key). Joint attention (Qwen-Image:
+on CPU). Under context parallelism (``parallel.cp_comm``) either each rank keeps its queries and
+all-gathers keys and values over the CP group (``all_gather``: exact; gradients flow back to the rank that
+owns each key), or two all-to-alls trade tokens for heads (``ulysses``: each rank attends over the whole
+sequence with 1/cp of the heads; per-rank K/V memory stays at its share). Joint attention (Qwen-Image:
 [text; image]) passes the replicated text keys/values as ``prefix_kv``: they are put in front of the
-gathered image keys/values and are never gathered themselves.
+image keys/values and are never gathered themselves (Ulysses cuts them to the rank's heads).
 
 ``AllHeadsRMSNorm`` is Wan's q/k norm: RMS over the WHOLE hidden dim (all heads together). Under TP a
 rank holds only some heads, so the sum of squares is all-reduced over TP; a per-rank norm would be a
@@ -20,7 +22,15 @@ from megatron.core import parallel_state
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_adapters.runtime.comm import all_gather_for_shared_use, all_reduce_sum, cp_group, tp_group
+from megatron_adapters.runtime.comm import (
+    all_gather_for_shared_use,
+    all_reduce_sum,
+    cp_group,
+    heads_to_sequence,
+    sequence_to_heads,
+    tp_group,
+)
+from megatron_adapters.runtime.parallel import cp_comm
 
 
 class SDPAttention(MegatronModule):
@@ -39,19 +49,50 @@ class SDPAttention(MegatronModule):
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 key_mask: torch.Tensor | None = None,
                 prefix_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        if self.gather_kv_over_cp:
-            group = cp_group()
+        """``query`` may start with ``len(prefix_kv[0])`` replicated (text) queries before the sharded ones."""
+        group = cp_group() if self.gather_kv_over_cp else None
+        if group is not None and cp_comm() == "ulysses":
+            return self._ulysses(query, key, value, key_mask, prefix_kv, group)
+        if group is not None:
             key = all_gather_for_shared_use(key, 0, group)
             value = all_gather_for_shared_use(value, 0, group)
         if prefix_kv is not None:
             key, value = torch.cat([prefix_kv[0], key]), torch.cat([prefix_kv[1], value])
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
-        mask = None
-        if key_mask is not None:  # [b, s_k] True = attend
-            mask = key_mask[:, None, None, :].to(torch.bool)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        s, b = query.shape[0], query.shape[1]
-        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
+        return _sdpa(query, key, value, key_mask)
+
+    @staticmethod
+    def _ulysses(query, key, value, key_mask, prefix_kv, group) -> torch.Tensor:
+        """DeepSpeed-Ulysses: one all-to-all gives each CP rank every token of 1/cp of the heads, attention
+        runs there on the whole sequence, a second all-to-all hands each rank its tokens back. Replicated
+        (text) queries and keys are cut to the rank's heads, and their outputs gathered over the heads."""
+        n = query.shape[0] - key.shape[0]  # replicated (text) queries in front; 0 in self-attention
+        sharded = [sequence_to_heads(t, group) for t in (query[n:], key, value)]
+        rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
+
+        def my_heads(t):
+            return t.chunk(size, dim=2)[rank]
+
+        q, k, v = sharded
+        if prefix_kv is not None:
+            k, v = torch.cat([my_heads(prefix_kv[0]), k]), torch.cat([my_heads(prefix_kv[1]), v])
+        if n:
+            q = torch.cat([my_heads(query[:n]), q])
+        s, b, h = q.shape[0], q.shape[1], q.shape[2]
+        out = _sdpa(q, k, v, key_mask).view(s, b, h, -1)
+        image = heads_to_sequence(out[n:], group).flatten(2)
+        if not n:
+            return image
+        text = all_gather_for_shared_use(out[:n], 2, group).flatten(2)  # each rank's heads, used by all
+        return torch.cat([text, image])
+
+
+def _sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """[s, b, heads, d] in, [s, b, heads * d] out; ``key_mask`` [b, s_k], True = attend."""
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, d]
+    mask = None if key_mask is None else key_mask[:, None, None, :].to(torch.bool)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    s, b = query.shape[0], query.shape[1]
+    return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 def apply_rope_complex(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Autograd-aware collectives that Megatron-core does not provide in the form our DiTs need.
 
 Each works on gloo as on NCCL (gloo has no reduce-scatter, and torch.distributed.nn's all_gather
-backward breaks on gloo sub-groups, so these are written with all_reduce / all_gather only).
+backward breaks on gloo sub-groups, so these are written with all_reduce / all_gather / all_to_all_single).
 """
 
 from __future__ import annotations
@@ -87,6 +87,71 @@ def gather_for_replicated_use(x: torch.Tensor, dim: int, group: dist.ProcessGrou
     if group_size(group) == 1:
         return x
     return _GatherReplicated.apply(x, dim, group)
+
+
+def _all_to_all(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Chunk j of dim 0 goes to rank j; the result's chunk j came from rank j."""
+    x = x.contiguous()
+    out = torch.empty_like(x)  # of the contiguous tensor: all_to_all_single writes chunk-major memory
+    dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def _seq_to_heads(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    s, b, h, d = x.shape
+    chunks = x.reshape(s, b, size, h // size, d).permute(2, 0, 1, 3, 4)  # [ranks, s, b, h/ranks, d]
+    return _all_to_all(chunks, group).reshape(size * s, b, h // size, d)
+
+
+def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    size = dist.get_world_size(group)
+    s, b, h, d = x.shape
+    chunks = _all_to_all(x.reshape(size, s // size, b, h, d), group)  # chunk j: rank j's heads of my tokens
+    return chunks.permute(1, 2, 0, 3, 4).reshape(s // size, b, size * h, d)
+
+
+class _SeqToHeads(torch.autograd.Function):
+    """Ulysses: [s/cp, b, h, d] (my tokens, every head) -> [s, b, h/cp, d] (every token, my heads)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _seq_to_heads(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _heads_to_seq(grad, ctx.group), None
+
+
+class _HeadsToSeq(torch.autograd.Function):
+    """The inverse: [s, b, h/cp, d] -> [s/cp, b, h, d]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+        ctx.group = group
+        return _heads_to_seq(x, group)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _seq_to_heads(grad, ctx.group), None
+
+
+def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Ulysses' first all-to-all over ``group`` ([s/n, b, h, d] -> [s, b, h/n, d]); ranks hold contiguous
+    token chunks in rank order, as :func:`split_for_rank` cuts them. Needs h % n == 0."""
+    if group_size(group) == 1:
+        return x
+    if x.shape[2] % group_size(group):
+        raise ValueError(f"{x.shape[2]} heads do not split over {group_size(group)} context-parallel ranks (Ulysses)")
+    return _SeqToHeads.apply(x, group)
+
+
+def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Ulysses' second all-to-all: [s, b, h/n, d] -> [s/n, b, h, d]."""
+    if group_size(group) == 1:
+        return x
+    return _HeadsToSeq.apply(x, group)
 
 
 def split_for_rank(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:

@@ -37,6 +37,7 @@ class ParallelLayout:
     sequence_parallel: bool = False
     vpp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B)
     pp_layers: tuple[int, ...] | None = None  # blocks per pipeline stage (None: pdmd/core/pipeline_split.py)
+    cp_comm: str = "all_gather"  # context-parallel attention: all_gather (K/V) | ulysses (all-to-all over heads)
 
     @property
     def model_parallel_size(self) -> int:
@@ -151,6 +152,11 @@ def validate_layout(
         )
     if num_heads is not None and num_heads % layout.tp:
         raise LayoutError(f"parallel.tp={layout.tp} does not divide the model's {num_heads} attention heads")
+    if layout.cp_comm not in CP_COMMS:
+        raise LayoutError(f"parallel.cp_comm={layout.cp_comm!r}: choose one of {list(CP_COMMS)}")
+    if layout.cp_comm == "ulysses" and num_heads is not None and num_heads % (layout.tp * layout.cp):
+        raise LayoutError(f"parallel.cp_comm=ulysses needs tp*cp = {layout.tp * layout.cp} to divide the model's "
+                          f"{num_heads} attention heads (each CP rank attends with its share of a TP rank's heads)")
     if num_layers is not None:
         stages = layout.pp * (layout.vpp or 1)
         if (layout.vpp or 1) > 1 and (num_layers % stages or layout.pp_layers is not None):
@@ -222,8 +228,8 @@ def initialize(
         distributed_timeout_minutes=max(1, int(timeout_minutes)),
     )
     model_parallel_cuda_manual_seed(seed)
-    global _PP_LAYERS
-    _PP_LAYERS = layout.pp_layers
+    global _PP_LAYERS, _CP_COMM
+    _PP_LAYERS, _CP_COMM = layout.pp_layers, layout.cp_comm
     return ParallelContext(
         layout=layout,
         env=env,
@@ -238,6 +244,13 @@ def initialize(
 
 
 _PP_LAYERS: tuple[int, ...] | None = None  # the initialized layout's parallel.pp_layers
+_CP_COMM = "all_gather"  # and its parallel.cp_comm
+CP_COMMS = ("all_gather", "ulysses")
+
+
+def cp_comm() -> str:
+    """How attention communicates under context parallelism in this process (the initialized layout's)."""
+    return _CP_COMM
 
 
 def stage_layers(num_layers: int) -> tuple[int, int]:

@@ -70,6 +70,9 @@ class ParallelConfig:
     # blocks per pipeline stage, e.g. [7, 8, 8, 7] for TI2V-5B's 30 at pp=4; null: even, or the middle stages
     # take the extra blocks (pdmd/core/pipeline_split.py)
     pp_layers: list[int] | None = None
+    # context-parallel attention: all_gather (every rank gathers K/V) | ulysses (all-to-all over heads; needs
+    # heads % (tp*cp) == 0): the same numbers, different communication and K/V memory (docs/training.md)
+    cp_comm: str = "all_gather"
 
 
 @dataclass
@@ -448,6 +451,10 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg.parallel, key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
+    if cfg.parallel.cp_comm not in ("all_gather", "ulysses"):
+        hint = (" (Transformer Engine's CP attention is not wired in yet: docs/training.md)"
+                if cfg.parallel.cp_comm == "te" else "")
+        raise ConfigError(f"parallel.cp_comm={cfg.parallel.cp_comm!r}: choose all_gather or ulysses{hint}")
     given = cfg.parallel.pp_layers
     if given is not None and (not isinstance(given, list) or len(given) != cfg.parallel.pp
                               or any(not isinstance(n, int) or n < 1 for n in given)):

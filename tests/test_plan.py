@@ -5,6 +5,7 @@ allocator's peak, at TP=1, TP=2 with SP and CP=2), and the command line."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import subprocess
@@ -166,9 +167,50 @@ def test_step_flops_and_time_by_hand():
     lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
     t = pl.step_time(w, lay, 2, "h100", 0.5)
     # 64 samples over 64 GPUs, 8 per replica of 8 GPUs: seconds = 64 x flops / (64 x peak x MFU)
-    assert t["seconds"] == pytest.approx(expected / (989.4e12 * 0.5))
+    assert t["compute_seconds"] == pytest.approx(expected / (989.4e12 * 0.5))
+    assert t["seconds"] == pytest.approx(t["compute_seconds"] + t["comm_seconds"])
+    assert sum(t["passes"].values()) == pytest.approx(t["compute_seconds"])  # the breakdown adds up
     lay_pp = pl.Layout(tp=2, pp=2, cp=2, dp=8, sp=True, recompute="none")  # 8 micro-batches: bubble 9/8
-    assert pl.step_time(w, lay_pp, 2, "h100", 0.5)["seconds"] == pytest.approx(t["seconds"] * 9 / 8)
+    assert pl.step_time(w, lay_pp, 2, "h100", 0.5)["compute_seconds"] == pytest.approx(t["compute_seconds"] * 9 / 8)
+
+
+def test_communication_by_hand():
+    """Phase 2 of the A14B preset at tp=2 (SP), cp=4, dp=8 on 64 H100s, global batch 64 (8 micro-batches of 1
+    per replica): 30 forward and 6 backward passes per sample (rollout 3.5 + CFG 2 + fake 1 + student 1 +
+    5 x (rollout 3.5 + fake 1)); each of 40 blocks all-reduces 3 outputs over TP (NVLink) and gathers K and V
+    over CP (NVLink: tp x cp = 8 ranks, one node), a backward all-reduces what the gather made; the student's
+    LoRA and 5 x 2 fakes' full gradients are reduce-scattered and the weights all-gathered over dp x cp = 32
+    ranks across nodes (InfiniBand)."""
+    w = pl.load_workload("wan2.2-t2v-a14b")
+    w.mix = [([16, 21, 60, 104], 1.0)]
+    lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
+    nvlink, ib = 450e9 * 0.8, 50e9 * 0.8
+    assert pl.passes(w, 2) == {"forward": 30, "backward": 6}
+    tp_fwd = 2 * (1 / 2) * (3 * 32760 / 4 * 5120 * 2) / nvlink  # ring all-reduce of [s/cp, b, D] bf16 x 3
+    kv = 32760 * (5120 / 2) * 2  # K or V over the whole sequence, one TP rank's heads
+    cp_fwd = (3 / 4) * 2 * kv / nvlink
+    full = cap.param_count(w.arch) / 2  # per TP rank
+    lora = sum(t.numel for t in cap.lora_tensors(w.arch, *w.lora)) * 40 / 2
+    sync = lambda params: 2 * (31 / 32) * params * 2 / ib  # noqa: E731
+    got = pl.comm_time(w, lay, 2)
+    assert got["tp"] == pytest.approx(8 * 40 * (30 + 6) * tp_fwd)
+    assert got["cp"] == pytest.approx(8 * 40 * (30 * cp_fwd + 6 * 2 * cp_fwd))
+    assert got["pp"] == 0 and got["dp"] == pytest.approx(sync(lora) + 5 * 2 * sync(full))
+    ulysses = pl.comm_time(dataclasses.replace(w, cp_comm="ulysses"), lay, 2)["cp"]
+    assert ulysses == pytest.approx(8 * 40 * 36 * 4 * (3 / 4) * (kv / 4) / nvlink)  # 4 all-to-alls each way
+    assert ulysses < got["cp"]
+
+
+def test_layouts_are_compared_at_the_recipes_global_batch():
+    """A recipe's global batch is its own layout's dp x micro-batch x micro-batches; every layout trains with
+    that many samples per update (the largest micro-batch up to the recipe's that fits, more of them)."""
+    w = pl.load_workload(str(ROOT / "configs" / "wan22_t2v_a14b.yaml"))
+    assert pl.recipe_global_batch(w, 64) == 64
+    result = pl.plan(w, 64, "h100")
+    for ev in result["layouts"]:
+        t = ev["times"][0]
+        assert t["samples"] == 64 and t["micro_batch"] * t["micro_batches"] * ev["layout"]["dp"] == 64
+    assert "global batch 64" in pl.report(result)
 
 
 def test_phase_roles_follow_the_backend():
@@ -561,6 +603,6 @@ def test_cli_fixed_layout_and_errors():
 def test_recipe_without_teacher_falls_back_to_a_preset():
     w = pl.load_workload(str(ROOT / "configs" / "wan22_t2v_a14b.yaml"))
     assert w.arch == cap.PRESETS["wan2.2-t2v-a14b"] and "preset" in w.arch_source
-    assert (w.micro_batch, w.mix, w.text_len) == (8, [([16, 21, 60, 104], 1.0)], 512)
+    assert (w.micro_batch, w.mix, w.text_len) == (1, [([16, 21, 60, 104], 1.0)], 512) and w.num_micro_batches == 4
     mixed = pl.load_workload(str(ROOT / "configs" / "wan22_t2v_a14b.yaml"), mix="16x21x90x160:1,16x21x60x104:3")
     assert mixed.mix == [([16, 21, 90, 160], 0.25), ([16, 21, 60, 104], 0.75)] and mixed.max_tokens == 75600

@@ -16,13 +16,14 @@ import argparse
 import copy
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from pdmd.core.config import ConfigError, RunConfig, _build
 from pdmd.core.errors import UserError
 from pdmd.core.pipeline_split import pipeline_split
+from pdmd.plan import comm
 from pdmd.plan.capacity import (
     PRESETS,
     Arch,
@@ -115,6 +116,8 @@ class Workload:
     schedule: str = "sequential"  # method.schedule: sequential (the paper) | interleaved (LightX2V)
     conditioning: str | None = None  # data.conditioning: None (text only) | i2v | ti2v (per-token timesteps)
     parallel: dict[str, int] = field(default_factory=dict)
+    cp_comm: str = "all_gather"  # parallel.cp_comm: how context-parallel attention communicates
+    network: comm.Network = field(default_factory=comm.Network)
 
     @property
     def max_tokens(self) -> int:
@@ -190,7 +193,7 @@ def load_workload(spec: str, overrides: list[str] = (), *, arch_name: str | None
         global_batch=global_batch if global_batch is not None else (preset or {}).get("global_batch"),
         sequence_parallel=cfg.parallel.sequence_parallel, schedule=getattr(cfg.method, "schedule", "sequential"),
         conditioning=cfg.data.get("conditioning"),
-        parallel={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp})
+        parallel={"tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "cp": cfg.parallel.cp}, cp_comm=cfg.parallel.cp_comm)
 
 
 def _guess_arch(kind: str, conditioning: str | None) -> str:
@@ -258,7 +261,7 @@ def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -
     """Saved activations of one training pass (student or fake) on the worst rank of ``stage``, and the
     transient working sets (training and no-grad passes)."""
     arch, per_stage = w.arch, pipeline_split(w.arch.layers, lay.pp)[stage]
-    mb = w.micro_batch
+    mb = micro_batch(w, lay)
     shard = Sharding(lay.tp, lay.sp, lay.cp)
     lora_rank = None if full else w.lora[0]
     one_layer = layer_activation_bytes(arch, tokens=tokens, text=w.text_len, batch=mb, act_bytes=w.dtype_bytes,
@@ -281,10 +284,29 @@ def _activation(w: Workload, lay: Layout, stage: int, full: bool, tokens: int) -
             "nograd_transient": NOGRAD_WORKING_SET * one_layer}
 
 
+def micro_batch(w: Workload, lay: Layout) -> int:
+    """Samples per micro-batch at this layout: the recipe's, or (at a fixed global batch) the largest size up
+    to it that divides a replica's share of the global batch."""
+    if w.global_batch is None:
+        return w.micro_batch
+    share = w.global_batch // lay.dp
+    return max(b for b in range(1, min(w.micro_batch, share) + 1) if share % b == 0)
+
+
 def _micro_batches(w: Workload, lay: Layout) -> int:
     if w.global_batch is None:
         return w.num_micro_batches
-    return max(1, w.global_batch // (lay.dp * w.micro_batch))
+    return max(1, w.global_batch // (lay.dp * micro_batch(w, lay)))
+
+
+def recipe_global_batch(w: Workload, gpus: int) -> int | None:
+    """The global batch the recipe trains with on ``gpus`` GPUs at its own layout (data-parallel size x
+    micro-batch x micro-batches), so that every layout is compared at that batch; None if its layout does
+    not divide the GPUs."""
+    model_parallel = w.parallel.get("tp", 1) * w.parallel.get("pp", 1) * w.parallel.get("cp", 1)
+    if not w.parallel or gpus % model_parallel:
+        return None
+    return gpus // model_parallel * w.micro_batch * w.num_micro_batches
 
 
 def resident_roles(w: Workload, k: int | str) -> list[tuple[str, str]]:
@@ -364,16 +386,71 @@ def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dic
             "total": total, "forward": fwd}
 
 
+def passes(w: Workload, k: int, recompute: str = "none") -> dict[str, float]:
+    """Whole-model passes per sample of one generator update of phase k: forwards (rollouts, teacher
+    cond/uncond, fakes, the trained passes' forwards and their recomputation) and backwards."""
+    steps = w.plan.steps_per_phase
+    rollout = sum(steps[: k - 1]) + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
+    teacher = 2 if w.cfg_scale != 1.0 else 1
+    trained = 1 + w.fake_ratio  # the student's pass and each fake update's
+    forward = rollout + teacher + 1 + w.fake_ratio * rollout + trained * (2 if recompute == "full" else 1)
+    return {"forward": forward, "backward": trained}
+
+
+def trainable_params(w: Workload, full: bool) -> float:
+    """Parameters one optimizer step of a role reduces: a whole expert, or the LoRA adapters."""
+    if full or not w.lora:
+        return float(param_count(w.arch))
+    return float(sum(t.numel for t in lora_tensors(w.arch, *w.lora)) * w.arch.layers)
+
+
+def comm_time(w: Workload, lay: Layout, k: int) -> dict[str, float]:
+    """Seconds of communication per generator update of phase k on a replica (pdmd/plan/comm.py): TP (and
+    SP), CP, pipeline sends, and the gradient reduction of the student's and the fakes' optimizer steps."""
+    net, mb, m = w.network, micro_batch(w, lay), _micro_batches(w, lay)
+    count = passes(w, k, lay.recompute)
+    layers = max(pipeline_split(w.arch.layers, lay.pp))  # the slowest stage
+    bubble = (m + lay.pp - 1) / m
+    out = {"tp": 0.0, "cp": 0.0, "pp": 0.0}
+    for shape, weight in w.mix:
+        tokens = w.arch.tokens(shape)
+        fwd = comm.layer_forward_comm(w.arch, tp=lay.tp, cp=lay.cp, cp_comm=w.cp_comm, tokens=tokens, text=w.text_len,
+                                      batch=mb, act_bytes=w.dtype_bytes, net=net)
+        bwd = comm.layer_backward_comm(fwd, lay.cp, w.cp_comm)
+        for kind in ("tp", "cp"):
+            out[kind] += weight * m * bubble * layers * (count["forward"] * fwd[kind] + count["backward"] * bwd[kind])
+        if lay.pp > 1:
+            send = comm.pipeline_p2p_s(tokens=tokens, cp=lay.cp, tp=lay.tp, sp=lay.sp, batch=mb, hidden=w.arch.hidden,
+                                       act_bytes=w.dtype_bytes, dp=lay.dp, net=net)
+            out["pp"] += weight * (count["forward"] + count["backward"]) * (m + lay.pp - 1) * send
+    shard = lay.tp * lay.pp
+    fakes = len(phase_roles(w, k)["fakes"])
+    sync = lambda params: comm.grad_sync_s(params / shard, tp=lay.tp, cp=lay.cp, dp=lay.dp,  # noqa: E731
+                                           param_bytes=w.dtype_bytes, net=net)
+    out["dp"] = sync(trainable_params(w, full=False)) + w.fake_ratio * fakes * sync(trainable_params(w, full=True))
+    out["total"] = sum(out.values())
+    return out
+
+
 def step_time(w: Workload, lay: Layout, k: int, gpu: str, mfu: float) -> dict[str, float]:
-    """Seconds per generator update of phase k (mix-weighted), with the pipeline bubble of 1F1B."""
-    per_sample = sum(weight * step_flops(w, k, w.arch.tokens(shape), lay.recompute)["total"] for shape, weight in w.mix)
+    """Seconds per generator update of phase k (mix-weighted): compute at the stated MFU with the pipeline
+    bubble of 1F1B, plus communication (not overlapped), with each pass's share of the compute."""
+    flops = {shape_i: step_flops(w, k, w.arch.tokens(shape), lay.recompute) for shape_i, (shape, _) in enumerate(w.mix)}
+    per_sample = sum(weight * flops[i]["total"] for i, (_, weight) in enumerate(w.mix))
     m = _micro_batches(w, lay)
-    samples = w.micro_batch * m  # per data-parallel replica per update
+    samples = micro_batch(w, lay) * m  # per data-parallel replica per update
     bubble = (m + lay.pp - 1) / m
     replica_gpus = lay.tp * lay.pp * lay.cp
-    seconds = samples * per_sample / (replica_gpus * GPUS[gpu]["bf16_flops"] * mfu) * bubble
-    return {"seconds": seconds, "samples": samples * lay.dp, "samples_per_s": samples * lay.dp / seconds,
-            "flops_per_sample": per_sample}
+    rate = replica_gpus * GPUS[gpu]["bf16_flops"] * mfu / (samples * bubble)  # FLOP/s per sample of the replica
+    compute = per_sample / rate
+    breakdown = {name: sum(weight * flops[i][name] for i, (_, weight) in enumerate(w.mix)) / rate
+                 for name in flops[0] if name.startswith(("generator_", "fake_"))}
+    communication = comm_time(w, lay, k)
+    seconds = compute + communication["total"]
+    return {"seconds": seconds, "compute_seconds": compute, "comm_seconds": communication["total"],
+            "comm": communication, "passes": breakdown, "samples": samples * lay.dp,
+            "samples_per_s": samples * lay.dp / seconds, "flops_per_sample": per_sample,
+            "micro_batch": micro_batch(w, lay), "micro_batches": m}
 
 
 # -- layouts ------------------------------------------------------------------------------------------
@@ -394,8 +471,8 @@ def layout_problem(w: Workload, lay: Layout, gpus: int) -> str | None:
     for shape, _ in w.mix:
         if a.tokens(shape) % shards:
             return f"{a.tokens(shape)} tokens of {shape} do not split over cp x (tp under SP) = {shards}"
-    if w.global_batch is not None and w.global_batch % (lay.dp * w.micro_batch):
-        return f"global batch {w.global_batch} is not a multiple of dp x micro-batch = {lay.dp * w.micro_batch}"
+    if w.global_batch is not None and w.global_batch % lay.dp:
+        return f"global batch {w.global_batch} does not split over dp={lay.dp} replicas"
     return None
 
 
@@ -418,21 +495,36 @@ def candidate_layouts(w: Workload, gpus: int, tp: int | None, pp: int | None, cp
 
 
 def evaluate(w: Workload, lay: Layout, gpu: str, mfu: float) -> dict[str, Any]:
+    """Memory and time of a layout; at a fixed global batch, with the largest micro-batch (up to the
+    recipe's) that fits, more micro-batches making up the batch."""
+    if w.global_batch is None:
+        return _evaluate(w, lay, gpu, mfu)
+    share = w.global_batch // lay.dp
+    for mb in sorted((b for b in range(1, min(w.micro_batch, share) + 1) if share % b == 0), reverse=True):
+        ev = _evaluate(replace(w, micro_batch=mb), lay, gpu, mfu)
+        if ev["fits"]:
+            return ev
+    return ev
+
+
+def _evaluate(w: Workload, lay: Layout, gpu: str, mfu: float) -> dict[str, Any]:
     phases = ([phase_memory(w, lay, "all")] if w.schedule == "interleaved"
               else [phase_memory(w, lay, k) for k in w.plan.phases])
     times = [step_time(w, lay, k, gpu, mfu) for k in w.plan.phases]
     budget = budget_bytes(gpu)
     return {"layout": asdict(lay), "phases": phases, "times": times, "fits": all(p["total"] <= budget for p in phases),
             "peak_bytes": max(p["total"] for p in phases), "budget_bytes": budget,
-            "seconds_per_update": sum(t["seconds"] for t in times) / len(times)}
+            "seconds_per_update": sum(t["seconds"] for t in times) / len(times),
+            "compute_seconds": sum(t["compute_seconds"] for t in times) / len(times),
+            "comm_seconds": sum(t["comm_seconds"] for t in times) / len(times)}
 
 
 def rank_key(ev: dict[str, Any]) -> tuple:
-    """Best first: fits, no recompute, shortest step, then fewer model-parallel ranks (less
-    communication: not modelled beyond the MFU) and CP before TP."""
+    """Best first: fits, shortest step (compute, recomputation's extra forwards included, + communication),
+    then fewer model-parallel ranks, no recompute, and CP before TP."""
     lay = ev["layout"]
-    return (not ev["fits"], lay["recompute"] != "none", round(ev["seconds_per_update"], 3),
-            lay["tp"] * lay["pp"] * lay["cp"], lay["pp"], lay["tp"], not lay["sp"])
+    return (not ev["fits"], round(ev["seconds_per_update"], 3), lay["tp"] * lay["pp"] * lay["cp"],
+            lay["recompute"] != "none", lay["pp"], lay["tp"], not lay["sp"])
 
 
 def plan(w: Workload, gpus: int, gpu: str = "h100", *, tp: int | None = None, pp: int | None = None,
@@ -442,6 +534,8 @@ def plan(w: Workload, gpus: int, gpu: str = "h100", *, tp: int | None = None, pp
         raise PlanError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}")
     if not 0 < mfu <= 1:
         raise PlanError(f"--mfu {mfu}: a fraction in (0, 1]")
+    if w.global_batch is None:  # every layout at the recipe's own global batch
+        w = replace(w, global_batch=recipe_global_batch(w, gpus))
     layouts = candidate_layouts(w, gpus, tp, pp, cp, recompute)
     if not layouts:
         fixed = Layout(tp or 1, pp or 1, cp or 1, max(1, gpus // ((tp or 1) * (pp or 1) * (cp or 1))),
@@ -460,7 +554,8 @@ def plan(w: Workload, gpus: int, gpu: str = "h100", *, tp: int | None = None, pp
                      "fake_ratio": w.fake_ratio, "sgts": w.sgts, "steps_per_phase": list(w.plan.steps_per_phase),
                      "schedule": w.schedule},
         "assumptions": {"memory_gib": GPUS[gpu]["memory_gib"], "budget_gib": budget_bytes(gpu) / GIB,
-                        "bf16_flops": GPUS[gpu]["bf16_flops"], "mfu": mfu},
+                        "bf16_flops": GPUS[gpu]["bf16_flops"], "mfu": mfu, "network": asdict(w.network),
+                        "cp_comm": w.cp_comm, "overlap": "none (communication adds to compute)"},
         "layouts": evals,
         "recommended": next((e for e in evals if e["fits"]), None),
     }
@@ -476,7 +571,9 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
     lines = [
         f"pdmd plan {result['recipe']}: {result['gpus']} x {result['gpu'].upper()} ({asm['memory_gib']:.0f} GiB, "
         f"budget {asm['budget_gib']:.1f} GiB after reserve), bf16 peak {asm['bf16_flops'] / 1e12:.0f} TFLOP/s, "
-        f"MFU {asm['mfu']:.2f}",
+        f"MFU {asm['mfu']:.2f}; NVLink {asm['network']['nvlink_gbps']:g} GB/s, InfiniBand {asm['network']['ib_gbps']:g} "
+        f"GB/s per GPU x {asm['network']['efficiency']:g}, {asm['network']['gpus_per_node']} GPUs a node, CP by "
+        f"{asm['cp_comm']}, no overlap",
         f"model: {m['name']} x {m['experts']} expert(s), {m['params'] / 1e9:.2f}B params each ({m['layers']} layers, "
         f"hidden {m['heads'] * m['head_dim']}, {m['heads']} heads, ffn {m['ffn']}); {m['source']}",
         "workload: " + ", ".join(f"{'x'.join(map(str, s))} ({t} tokens, {wt:.0%})"
@@ -491,7 +588,7 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
     head = ["tp", "pp", "cp", "dp", "sp", "recompute"] + [f"phase {p['phase']} GiB" for p in shown[0]["phases"]]
     if wl.get("schedule") == "interleaved":
         head[6] = "all phases (interleaved) GiB"
-    head += ["s / update", "samples / s", "fits"]
+    head += ["micro-batch", "compute s", "comm s (tp/cp/pp/dp)", "s / update", "samples / s", "fits"]
     lines.append(f"layouts: {len(fitting)} of {len(result['layouts'])} fit; best first (first {len(shown)}):")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -500,12 +597,22 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
         row = [str(lay[k]) for k in ("tp", "pp", "cp", "dp")] + ["y" if lay["sp"] else "n", lay["recompute"]]
         row += [_gib(p["total"]) for p in e["phases"]]
         sps = sum(t["samples_per_s"] for t in e["times"]) / len(e["times"])
-        row += [f"{e['seconds_per_update']:.1f}", f"{sps:.2f}", "yes" if e["fits"] else "no"]
+        t0 = e["times"][0]
+        parts = "/".join(f"{sum(t['comm'][c] for t in e['times']) / len(e['times']):.1f}" for c in ("tp", "cp", "pp", "dp"))
+        row += [f"{t0['micro_batch']} x {t0['micro_batches']}", f"{e['compute_seconds']:.1f}",
+                f"{e['comm_seconds']:.1f} ({parts})", f"{e['seconds_per_update']:.1f}", f"{sps:.2f}",
+                "yes" if e["fits"] else "no"]
         lines.append("| " + " | ".join(row) + " |")
     best = result["recommended"] or min(result["layouts"], key=lambda e: e["peak_bytes"])
     lay = Layout(**best["layout"])
     lines += ["", ("recommended: " if result["recommended"] else "nothing fits; closest: ") + lay.describe(), ""]
-    lines.append("| phase | role | weights GiB | grads GiB | optimizer GiB | activations GiB |")
+    lines.append("| phase | " + " | ".join(PASS_NAMES.values()) + " | communication | s / update |")
+    lines.append("|---|" + "---|" * (len(PASS_NAMES) + 2))
+    for k, t in zip((p["phase"] for p in best["phases"]) if len(best["phases"]) == len(best["times"])
+                    else range(1, len(best["times"]) + 1), best["times"]):
+        lines.append(f"| {k} | " + " | ".join(f"{t['passes'][n]:.1f}" for n in PASS_NAMES)
+                     + f" | {t['comm_seconds']:.1f} | {t['seconds']:.1f} |")
+    lines += ["", "| phase | role | weights GiB | grads GiB | optimizer GiB | activations GiB |"]
     lines.append("|---|---|---|---|---|---|")
     for p in best["phases"]:
         for r in p["roles"]:
@@ -514,6 +621,12 @@ def report(result: dict[str, Any], limit: int = 12) -> str:
         lines.append(f"| {p['phase']} | peak (stage {p['stage']}): static {_gib(p['static'])} + largest pass "
                      f"{_gib(p['transient'])} | | | | **{_gib(p['total'])}** |")
     return "\n".join(lines)
+
+
+# step_flops' passes, in the order the breakdown table shows them (seconds of compute per update)
+PASS_NAMES = {"generator_rollout": "rollout", "generator_teacher": "teacher (cond + uncond)",
+              "generator_fake": "fake (no grad)", "generator_student": "student fwd + bwd",
+              "fake_rollout": "fake steps' rollouts", "fake_fake_train": "fake fwd + bwd"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -526,7 +639,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recompute", choices=["none", "full"], help="fix activation recomputation (default: both)")
     p.add_argument("--mfu", type=float, default=DEFAULT_MFU, help=f"model FLOP utilisation (default {DEFAULT_MFU})")
     p.add_argument("--mix", help="resolution mix CxFxHxW:weight,... (default: train.latent_shape; presets: theirs)")
-    p.add_argument("--global-batch", type=int, help="samples per update (sets micro-batches per replica)")
+    p.add_argument("--global-batch", type=int, help="samples per update, the same for every layout (default: the "
+                   "recipe's at its own layout, dp x micro-batch x micro-batches; presets: 64)")
+    p.add_argument("--cp-comm", choices=["all_gather", "ulysses"], help="context-parallel attention (default: the recipe's)")
+    p.add_argument("--nvlink-gbps", type=float, default=comm.Network.nvlink_gbps, help="GB/s per GPU each way in a node")
+    p.add_argument("--ib-gbps", type=float, default=comm.Network.ib_gbps, help="GB/s per GPU across nodes")
+    p.add_argument("--gpus-per-node", type=int, default=comm.Network.gpus_per_node)
     p.add_argument("--arch", choices=sorted(PRESETS), help="architecture preset when the teacher is not on disk")
     p.add_argument("--limit", type=int, default=12, help="layouts to list (default 12)")
     p.add_argument("--json", help="write the whole evaluation to this file")
@@ -540,6 +658,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         w = load_workload(args.config, args.overrides, arch_name=args.arch, mix=args.mix,
                           global_batch=args.global_batch)
+        w = replace(w, network=comm.Network(nvlink_gbps=args.nvlink_gbps, ib_gbps=args.ib_gbps,
+                                            gpus_per_node=args.gpus_per_node),
+                    cp_comm=args.cp_comm or w.cp_comm)
         result = plan(w, args.gpus, args.gpu, tp=args.tp, pp=args.pp, cp=args.cp, recompute=args.recompute,
                       mfu=args.mfu)
     except PlanError as exc:

@@ -66,7 +66,19 @@ def test_record_section_names_date_machine_versions_command(tmp_path: Path) -> N
     assert doc.read_text() == "# Benchmarks\n\nintro\n\n" + text + "\n" + text
 
 
-@pytest.mark.parametrize("entry", ["block", "qwen-block", "data"])
+def test_attention_entry_times_both_cp_kinds_on_cpu() -> None:
+    """The per-rank attention core of each CP kind (the GPU run records it at A14B size): both kinds per cp,
+    the shapes each rank runs, a refusal where the heads do not split."""
+    bench = _load_bench()
+    result = bench.run_attention(bench.parse_args(["attention", "--heads", "4", "--head-dim", "8", "--tokens", "64",
+                                                   "--cp", "1", "2", "8", "--reps", "1", "--no-record"]))
+    assert result.ok
+    kinds = [(r[0], r[1]) for r in result.rows]
+    assert kinds == [("1", "all_gather"), ("1", "ulysses"), ("2", "all_gather"), ("2", "ulysses"), ("8", "-")]
+    assert result.rows[2][2] == "[4 heads, 32 queries, 64 keys]" and result.rows[3][2] == "[2 heads, 64 queries, 64 keys]"
+
+
+@pytest.mark.parametrize("entry", ["block", "qwen-block", "data", "attention"])
 def test_entries_are_registered(entry: str) -> None:
     bench = _load_bench()
     assert entry in bench.ENTRIES

@@ -38,13 +38,14 @@ def test_dry_run_shows_every_check(tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     table = _table(out)
-    assert list(table) == ["env", "matmul", "cuda-tests", "block", "step", "train-prep", "train-fp32", "train-bf16",
-                           "train-te"]
+    assert list(table) == ["env", "matmul", "cuda-tests", "block", "step", "attention", "train-prep", "train-fp32",
+                           "train-bf16", "train-te"]
     assert all(row[0] == "DRY-RUN" for row in table.values())
     assert re.search(r"-m pytest -m cuda .*tests/test_plan\.py", out)  # the files that have cuda tests
     assert ("tools/bench.py block --hidden 5120 --heads 40 --layers 2 --ffn 13824 --frames 21 --height 60 "
             "--width 104 --text-len 512") in out  # A14B layers at 32760 tokens
     assert "--no-record" in out and "tools/bench.py step --reps 3" in out
+    assert "tools/bench.py attention --heads 40 --head-dim 128 --tokens 32760 --cp 1 2 4 8" in out
     assert "tools/make_tiny_teacher.py" in out and "tools/make_prompt_shards.py" in out
     for extra in ("wandb.mode=disabled  &&", "model.dtype=bf16 &&", "model.dtype=bf16 model.spec=te &&"):
         assert re.search(r"-m pdmd\.cli train configs/tiny_wan22\.yaml .*" + re.escape(extra), out), extra

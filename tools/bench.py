@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib
+import math
 import os
 import platform
 import shlex
@@ -466,6 +467,73 @@ def run_memory(args: argparse.Namespace) -> Result:
     return _in_single_process("bench_memory", "bench_memory", args)
 
 
+# -- entry: attention ---------------------------------------------------------------------------------
+def _attention_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--heads", type=int, default=40, help="attention heads of the model (A14B: 40)")
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--tokens", type=int, default=32760, help="sequence length (A14B 81 frames 480p: 32760)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1, help="tensor parallelism: the heads a rank holds")
+    p.add_argument("--cp", type=int, nargs="+", default=[1, 2, 4, 8], help="context-parallel sizes to time")
+    p.add_argument("--reps", type=int, default=5)
+
+
+def run_attention(args: argparse.Namespace) -> Result:
+    """The attention core one CP rank runs, per CP kind, on this one device: ``all_gather`` attends with its
+    s/cp queries over all s keys of its TP rank's heads; ``ulysses`` attends with all s tokens over
+    1/cp of those heads (megatron_adapters/layers/attention.py); Transformer Engine's DotProductAttention on
+    the Ulysses shapes where TE imports (its own CP modes need several GPUs). Same FLOPs; the kernels'
+    efficiency and the K/V memory differ. Communication is pdmd plan's (docs/plan.md)."""
+    import torch.nn.functional as F
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    heads = args.heads // args.tp
+    te_attention = None
+    try:
+        import transformer_engine.pytorch as te  # noqa: F401
+
+        te_attention = te.DotProductAttention
+    except Exception:  # noqa: BLE001 - TE missing or broken: its rows are left out, said in the notes
+        pass
+    rows, ok = [], True
+    g = torch.Generator(device=device).manual_seed(0)
+    for cp in args.cp:
+        if heads % cp or args.tokens % cp:
+            rows.append([str(cp), "-", "-", "-", f"{heads} heads / {args.tokens} tokens do not split over cp={cp}"])
+            continue
+        shapes = {"all_gather": (args.tokens // cp, heads, args.tokens), "ulysses": (args.tokens, heads // cp, args.tokens)}
+        fns, tensors = {}, {}
+        for kind, (s_q, h, s_k) in shapes.items():
+            q = torch.randn(args.batch, h, s_q, args.head_dim, device=device, dtype=dtype, generator=g, requires_grad=True)
+            k, v = (torch.randn(args.batch, h, s_k, args.head_dim, device=device, dtype=dtype, generator=g,
+                                requires_grad=True) for _ in range(2))
+            tensors[kind] = (q, k, v)
+            fns[kind] = lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v).sum().backward()
+        if te_attention is not None and device.type == "cuda":
+            core = te_attention(heads // cp, args.head_dim, qkv_format="bshd", attn_mask_type="no_mask")
+            q, k, v = (t.detach().transpose(1, 2).contiguous().requires_grad_(True) for t in tensors["ulysses"])
+            fns["te (ulysses shapes)"] = lambda q=q, k=k, v=v, core=core: core(q, k, v).float().sum().backward()
+        fns["all_gather"]()  # warm-up (kernel choice, allocator)
+        times = alternate(fns, args.reps, device)
+        flops = 3.5 * 4 * args.batch * heads * args.tokens * args.tokens * args.head_dim / cp  # the notes say why
+        for kind, clocks in times.items():
+            med = sorted(clocks["wall"])[len(clocks["wall"]) // 2]
+            ok &= math.isfinite(med)
+            q_shape = shapes.get(kind.split(" ")[0], shapes["ulysses"])
+            rows.append([str(cp), kind, f"[{q_shape[1]} heads, {q_shape[0]} queries, {q_shape[2]} keys]",
+                         _ms(med), f"{flops / med / 1e12:.3g}"])
+    notes = [f"heads {args.heads} / tp {args.tp} = {heads} per TP rank, head_dim {args.head_dim}, {args.tokens} tokens, "
+             f"batch {args.batch}, {dtype}, fwd+bwd, median of {args.reps}",
+             "TFLOP/s counts 3.5 x the forward's 4 b h s^2 d / cp (backward 2.5 x forward, as flash attention's "
+             "dq, dk, dv and recomputed scores): a yardstick to compare the rows, not the kernel's own count",
+             "TE DotProductAttention: " + ("timed" if te_attention is not None and device.type == "cuda"
+                                           else "not importable here or no CUDA: left out")]
+    return Result(title="attention core per CP rank: all_gather vs ulysses shapes (vs TE where present)",
+                  headers=["cp", "kind", "per-rank shape", "fwd+bwd", "TFLOP/s"], rows=rows, notes=notes,
+                  device=device, ok=ok)
+
+
 # -- entry: data ------------------------------------------------------------------------------------
 def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=["wan", "qwen-image"], default="wan")
@@ -497,6 +565,8 @@ ENTRIES: dict[str, Entry] = {
                   _step_arguments, run_step),
     "memory": Entry("memory per phase: resident roles only vs all roles resident, LoRA vs full student",
                     _memory_arguments, run_memory),
+    "attention": Entry("the attention core one CP rank runs, all_gather vs ulysses shapes (and TE): fwd+bwd time",
+                       _attention_arguments, run_attention),
     "data": Entry("prompt loader throughput (data/bench.py)", _data_arguments, run_data,
                   libraries=("webdataset", "safetensors")),
 }

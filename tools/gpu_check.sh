@@ -8,6 +8,8 @@
 #   4. block     tools/bench.py block at Wan2.2-A14B layer size (hidden 5120, 40 heads, ffn 13824), 2 layers,
 #                81 frames at 480x832 (32760 tokens), bf16: ours vs diffusers, TFLOP/s and share of peak
 #   4b. step     tools/bench.py step: one Phased DMD generator step and one fake step split by part, overhead
+#   4c. attention  tools/bench.py attention: the attention core one CP rank runs at A14B size (40 heads x 128,
+#                32760 tokens), all_gather vs ulysses shapes at cp 1/2/4/8, and TE's DotProductAttention
 #   5. train-*   a tiny two-expert teacher and prompt shards (tools/make_tiny_teacher.py,
 #                tools/make_prompt_shards.py), then 3 steps per phase of `pdmd train configs/tiny_wan22.yaml`
 #                on CUDA: fp32 local spec, bf16 local spec, bf16 TE spec (when TE imports)
@@ -170,6 +172,14 @@ if skip_unless step megatron.core diffusers omegaconf; then
     STEP_ARGS="--reps 3 --set train.latent_shape=[4,8,32,32]"
     [ "$RECORD" = 1 ] || STEP_ARGS="$STEP_ARGS --no-record"
     run step 120 "\"$PY\" tools/bench.py step $STEP_ARGS && echo \"SUMMARY: \$(grep -o 'overhead target.*' \"$OUT/step.log\" | head -n 1)\""
+fi
+
+# -- 4c. the attention core one CP rank runs, all_gather vs ulysses shapes (and TE's), A14B sizes --------
+ATTN_ARGS="--heads 40 --head-dim 128 --tokens 32760 --cp 1 2 4 8 --reps 5"
+[ "$ALLOW_CPU" = 1 ] && ATTN_ARGS="--heads 4 --head-dim 16 --tokens 256 --cp 1 2 4 --reps 1"
+[ "$RECORD" = 1 ] || ATTN_ARGS="$ATTN_ARGS --no-record"
+if skip_unless attention megatron.core diffusers; then
+    run attention 120 "\"$PY\" tools/bench.py attention $ATTN_ARGS && echo \"SUMMARY: cp=4 fwd+bwd ms \$(grep '^| 4 |' \"$OUT/attention.log\" | cut -d'|' -f3,5 | tr '\n' ' ')\""
 fi
 
 # -- 5. tiny-model training steps on CUDA -------------------------------------------------------------

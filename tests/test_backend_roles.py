@@ -141,3 +141,31 @@ def test_student_ema_is_what_the_phase_exports_and_checkpoints(wan_tiny, tmp_pat
     phase's expert while the live weights keep training, and saved and restored with the checkpoint."""
     (out,) = run_ranks(_ema, 1, wan_tiny.overrides, tmp_path)
     assert all(out.values()), out
+
+
+def _rollouts(rank, world_size, overrides):
+    from megatron_adapters.backend import MegatronBackend
+    from pdmd.core.config import load_config
+    from pdmd.core.method import PhaseTrainer
+
+    out = {}
+    for reuse in (1, 2):
+        cfg = load_config(ROOT / "configs" / "tiny_wan22.yaml",
+                          [*overrides, "method.fake_ratio=4", f"method.fake_rollout_reuse={reuse}"])
+        backend = MegatronBackend(cfg)
+        backend.setup_phase(1, 0, {}, cfg.phase_plan().renoise_interval(1))
+        trainer = PhaseTrainer(backend, cfg.phase_plan(), 1, cfg.method, cfg.train.latent_shape, cfg.seed)
+        rollout, calls = trainer.rollout, []
+        trainer.rollout = lambda *a, calls=calls, rollout=rollout, **k: calls.append(1) or rollout(*a, **k)
+        text = torch.randn(2, 32, 24, generator=torch.Generator().manual_seed(0))
+        losses = [trainer.fake_step(0, i, text)["fake_loss"] for i in range(4)]
+        out[reuse] = (len(calls), losses)
+    return out
+
+
+def test_fake_updates_can_share_a_rollout(wan_tiny):
+    """method.fake_rollout_reuse=2: four fake updates draw two rollouts (each update re-noises afresh); the
+    first update of each pair is the same computation as without sharing."""
+    (out,) = run_ranks(_rollouts, 1, wan_tiny.overrides)
+    assert out[1][0] == 4 and out[2][0] == 2
+    assert out[2][1][0] == out[1][1][0] and out[2][1][1] != out[1][1][1]

@@ -34,10 +34,10 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     assert "sgts_min_step" not in ident["method"] and "fake_warmup" not in ident["method"]
     for key, value in (("student.beta1", "0.9"), ("fake.beta1", "0.5"), ("method.sgts_min_step", "2"),
                        ("method.fake_warmup", "10"), ("student.lr_decay", "linear"), ("fake.lr_decay", "cosine"),
-                       ("student.ema", "0.99")):
+                       ("student.ema", "0.99"), ("method.fake_rollout_reuse", "5")):
         changed = _cfg(teacher, f"{key}={value}")
         assert changed.hash() != base.hash(), key
-    assert len(LATER_KEYS) == 9
+    assert len(LATER_KEYS) == 10
 
 
 @pytest.mark.parametrize("override, message", [
@@ -47,6 +47,7 @@ def test_later_keys_at_defaults_leave_the_identity_unchanged(teacher):
     ("student.lr_decay=step", "student.lr_decay='step': choose one of"),
     ("student.ema=1.0", "student.ema=1.0 must be in"),
     ("fake.ema=0.9", "fake.ema: only the student keeps a moving average"),
+    ("method.fake_rollout_reuse=0", "method.fake_rollout_reuse=0 must be an integer >= 1"),
     ("parallel.cp_comm=te", "parallel.cp_comm='te': choose all_gather or ulysses"),
     ("parallel.pp_layers=[1,2]", "one block count >= 1 per pipeline stage"),
     ("model.teacher.exact=/no/such/file.safetensors", "model.teacher.exact=/no/such/file.safetensors: no such file"),

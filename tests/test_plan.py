@@ -163,6 +163,9 @@ def test_step_flops_and_time_by_hand():
     assert pl.step_flops(w, 1, tokens)["generator_rollout"] == pytest.approx(1.5 * fwd)
     recompute = pl.step_flops(w, 2, tokens, "full")["total"]
     assert recompute - expected == pytest.approx(6 * fwd + lf)  # one more forward per training pass
+    shared = dataclasses.replace(w, fake_rollout_reuse=5)  # one rollout for the 5 fake updates
+    assert pl.step_flops(shared, 2, tokens)["total"] == pytest.approx(expected - 4 * 3.5 * fwd)
+    assert pl.passes(shared, 2)["forward"] == pl.passes(w, 2)["forward"] - 4 * 3.5
     w.mix = [([16, 21, 60, 104], 1.0)]
     lay = pl.Layout(tp=2, pp=1, cp=4, dp=8, sp=True, recompute="none")
     t = pl.step_time(w, lay, 2, "h100", 0.5)

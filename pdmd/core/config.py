@@ -89,6 +89,9 @@ class MethodConfig:
     # fake updates on the phase's starting generator before its first generator update, so that the
     # fake scores the generator's samples and not the teacher's distribution it was copied from
     fake_warmup: int = 0
+    # consecutive fake updates of a generator step that share one rollout (each re-noises it afresh): 1 = a
+    # rollout per fake update (the paper); fake_ratio = one per step, fewer generator passes (pdmd plan)
+    fake_rollout_reuse: int = 1
     # sequential: phase after phase, earlier experts frozen (the paper); interleaved: every phase's student
     # and fakes resident and trained in turn, iteration i on phase (i mod K) + 1 (LightX2V's release)
     schedule: str = "sequential"
@@ -231,6 +234,7 @@ LATER_KEYS: dict[tuple[str, ...], Any] = {
     ("fake", "lr_decay"): "constant",
     ("student", "ema"): 0.0,
     ("fake", "ema"): 0.0,
+    ("method", "fake_rollout_reuse"): 1,
 }
 
 # What a run may change when it resumes (recorded in the manifest's history): learning rates (to continue a
@@ -480,6 +484,9 @@ def validate(cfg: RunConfig) -> None:
                           f"1..{plan.num_steps} (1 = every step may carry the gradient)")
     if not isinstance(meth.fake_warmup, int) or meth.fake_warmup < 0:
         raise ConfigError(f"method.fake_warmup={meth.fake_warmup!r} must be an integer >= 0 (0 = none)")
+    if not isinstance(meth.fake_rollout_reuse, int) or meth.fake_rollout_reuse < 1:
+        raise ConfigError(f"method.fake_rollout_reuse={meth.fake_rollout_reuse!r} must be an integer >= 1 (1 = a "
+                          "rollout per fake update)")
     if not isinstance(meth.fake_ratio, int) or meth.fake_ratio < 1:
         raise ConfigError(f"method.fake_ratio={meth.fake_ratio!r} must be an integer >= 1 (the paper uses 5)")
     if meth.cfg_scale < 0:

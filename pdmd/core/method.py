@@ -147,8 +147,18 @@ class PhaseTrainer:
                 "skipped": out.get("skipped", 0.0), "time_student_update_s": lap()}
 
     def fake_step(self, step: int, index: int, text: torch.Tensor, cond: Conditioning | None = None) -> dict[str, float]:
+        """Fake update ``index`` of generator step ``step``: a rollout (shared by ``method.fake_rollout_reuse``
+        consecutive updates of the step, each re-noising it afresh), re-noised into the phase's interval."""
+        reuse = getattr(self.method, "fake_rollout_reuse", 1)
+        first = index - index % reuse
         gen = self._gen(step, f"fake{index}")
-        x_s = self.rollout(text, gen, cond).x_gen
+        if index == first:  # reuse 1: every update draws its own rollout, then re-noises from the same stream
+            x_s = self.rollout(text, gen, cond).x_gen
+            self._shared_rollout = (step, first, x_s)
+        else:
+            cached_step, cached_first, x_s = self._shared_rollout
+            if (cached_step, cached_first) != (step, first):
+                raise RuntimeError(f"fake update {index} of step {step} has no rollout of update {first} to reuse")
         eps, t, x_t = self._renoise(x_s, gen, cond)
         experts = self.backend.expert_of(t)
         losses, norms, skipped = [], [], 0.0

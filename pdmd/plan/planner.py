@@ -111,6 +111,7 @@ class Workload:
     cfg_scale: float
     fake_ratio: int
     sgts: bool
+    fake_rollout_reuse: int = 1  # method.fake_rollout_reuse: fake updates per rollout
     global_batch: int | None = None
     sequence_parallel: bool = False
     schedule: str = "sequential"  # method.schedule: sequential (the paper) | interleaved (LightX2V)
@@ -189,7 +190,7 @@ def load_workload(spec: str, overrides: list[str] = (), *, arch_name: str | None
         mix=shapes, text_len=int(cfg.data.get("max_length", 512)), micro_batch=cfg.train.micro_batch_size,
         num_micro_batches=cfg.train.num_micro_batches, dtype_bytes=2 if cfg.model.dtype == "bf16" else 4,
         lora=None if lora is None else (lora.rank, tuple(lora.targets)), cfg_scale=cfg.method.cfg_scale,
-        fake_ratio=cfg.method.fake_ratio, sgts=cfg.method.sgts,
+        fake_ratio=cfg.method.fake_ratio, sgts=cfg.method.sgts, fake_rollout_reuse=cfg.method.fake_rollout_reuse,
         global_batch=global_batch if global_batch is not None else (preset or {}).get("global_batch"),
         sequence_parallel=cfg.parallel.sequence_parallel, schedule=getattr(cfg.method, "schedule", "sequential"),
         conditioning=cfg.data.get("conditioning"),
@@ -380,10 +381,10 @@ def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dic
         student = full_train
     teacher = (2 if w.cfg_scale != 1.0 else 1) * fwd
     gen = {"rollout": rollout * fwd, "teacher": teacher, "fake": fwd, "student": student}
-    fake = {"rollout": rollout * fwd, "fake_train": full_train}
-    total = sum(gen.values()) + w.fake_ratio * sum(fake.values())
-    return {**{f"generator_{n}": v for n, v in gen.items()}, **{f"fake_{n}": w.fake_ratio * v for n, v in fake.items()},
-            "total": total, "forward": fwd}
+    rollouts = -(-w.fake_ratio // w.fake_rollout_reuse)  # method.fake_rollout_reuse updates share one
+    fake = {"fake_rollout": rollouts * rollout * fwd, "fake_fake_train": w.fake_ratio * full_train}
+    total = sum(gen.values()) + sum(fake.values())
+    return {**{f"generator_{n}": v for n, v in gen.items()}, **fake, "total": total, "forward": fwd}
 
 
 def passes(w: Workload, k: int, recompute: str = "none") -> dict[str, float]:
@@ -393,7 +394,8 @@ def passes(w: Workload, k: int, recompute: str = "none") -> dict[str, float]:
     rollout = sum(steps[: k - 1]) + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
     teacher = 2 if w.cfg_scale != 1.0 else 1
     trained = 1 + w.fake_ratio  # the student's pass and each fake update's
-    forward = rollout + teacher + 1 + w.fake_ratio * rollout + trained * (2 if recompute == "full" else 1)
+    rollouts = -(-w.fake_ratio // w.fake_rollout_reuse)
+    forward = rollout + teacher + 1 + rollouts * rollout + trained * (2 if recompute == "full" else 1)
     return {"forward": forward, "backward": trained}
 
 

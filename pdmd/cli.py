@@ -23,6 +23,7 @@ SUBCOMMANDS: list[tuple[str, str, str]] = [
     ("train", "pdmd.train", "run the phases of a distillation: pdmd train CONFIG --run-dir DIR [key=value ...]"),
     ("export", "pdmd.export.convert", "a finished run as a diffusers pipeline (or LoRA files): pdmd export --run DIR --out DIR"),
     ("sample", "pdmd.sample", "few-step samples from a run or an export: pdmd sample --run DIR --embeds F --out F"),
+    ("eval", "pdmd.eval.command", "diversity across seeds, motion and colour of a generator's videos: pdmd eval --export DIR --prompts F --out DIR"),
     ("bench", "pdmd.bench.cli", "benchmarks of the method: pdmd bench toy (Phased DMD vs DMD2+SGTS on exact ground truth)"),
     ("toy-1d", "pdmd.bench.toy1d", "the paper's 1-D toy: subinterval vs naive fake-score target (table + PNG)"),
     ("plan", "pdmd.plan.planner", "memory per GPU and step time of a recipe at each parallel layout: pdmd plan CONFIG --gpus N"),

@@ -15,6 +15,8 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "pdmd.core": ("pdmd.core",),
     "pdmd.run": ("pdmd.core", "pdmd.run", "data"),
     "pdmd.plan": ("pdmd.core", "pdmd.plan"),
+    # the metrics and networks stand alone; the command generates its videos through `pdmd sample`, lazily
+    "pdmd.eval": ("pdmd.core", "pdmd.eval", "pdmd.sample"),
     # converting starts by loading the Megatron experts (megatron_adapters/experts.py), lazily
     "pdmd.export": ("pdmd.core", "pdmd.run", "pdmd.export", "data", "megatron_adapters.experts"),
     "megatron_adapters": ("megatron_adapters", "pdmd.core"),

@@ -28,6 +28,7 @@ from pdmd.core.config import ConfigError, RunConfig, load_config, lr_at
 from pdmd.core.distributed import barrier, is_rank0
 from pdmd.core.errors import UserError, last_line
 from pdmd.core.method import PhaseTrainer
+from pdmd.eval.metrics import mean_pairwise, mean_pairwise_cosine
 from pdmd.export.pipelines import decode, save_media, vae_folder
 from pdmd.run.console import progress_bar, report_user_error
 from pdmd.run.metrics import MetricsLogger
@@ -131,7 +132,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
     for k in phases:
         run.update_phase(k, status="running")
     trainers = {k: PhaseTrainer(backend, plan, k, cfg.method, cfg.train.latent_shape, cfg.seed) for k in phases}
-    previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every else None
+    previews = _Previews(cfg, run, data_cfg, backend) if cfg.logging.sample_every or cfg.logging.eval_every else None
     negative_single = _text(backend, loader.negative)
     batches = loader.forever()
     warmup: dict[int, float] = {}  # each phase's mean fake loss over its warm-up, logged with its first step
@@ -187,7 +188,10 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
             if k in warmup:
                 scalars[f"phase{k}/fake_warmup_loss"] = warmup.pop(k)
             done, global_step = it + 1, (owner - 1) * steps + it + 1
-            if (step + 1) % cfg.train.log_every == 0:
+            eval_due = bool(cfg.logging.eval_every) and (step + 1) % cfg.logging.eval_every == 0
+            if eval_due:  # every rank: the preview passes are collective
+                scalars.update(previews.diversity(trainer, k, cfg.logging.eval_seeds))
+            if (step + 1) % cfg.train.log_every == 0 or eval_due:
                 logger.log(global_step, scalars)
                 logger.log_histogram(global_step, f"phase{k}/t", trainer.last_t)
             if bar is not None or (step + 1) % console_every == 0 or step + 1 == steps:
@@ -200,7 +204,7 @@ def _phase_loop(cfg: RunConfig, backend, run: RunDir, phases: list[int], logger:
                     print(line, flush=True)
             if bar is not None:
                 bar.update(1)
-            if previews is not None and (step + 1) % cfg.logging.sample_every == 0:
+            if cfg.logging.sample_every and (step + 1) % cfg.logging.sample_every == 0:
                 previews.log(trainer, logger, k, step + 1, global_step)
             signalled = stop.agreed(backend.device)
             due = done % cfg.train.checkpoint_every == 0 or done == total or signalled is not None
@@ -309,6 +313,23 @@ class _Previews:
         self.dir.mkdir(parents=True, exist_ok=True)
         paths = save_media(decode(latents.cpu(), self.vae), self.dir / f"phase{k}_step{done}", "gif")
         logger.log_media(global_step, f"phase{k}/samples", paths, caption=" | ".join(self.prompts))
+
+    def diversity(self, trainer: PhaseTrainer, k: int, seeds: int) -> dict[str, float]:
+        """``logging.eval_every``: the preview prompts from ``seeds`` noise seeds; per prompt the mean pairwise
+        cosine similarity of the latents (and, with ``logging.vae``, the mean pairwise RMS distance of the
+        decoded frames), averaged over prompts: diversity collapse shows while the run can still be stopped."""
+        latents = [trainer.preview(self.text, self.seed + 1 + j, self.cond).float().cpu() for j in range(seeds)]
+        if not is_rank0():
+            return {}
+        prompts = range(latents[0].shape[0])
+        out = {f"phase{k}/diversity_latent_cosine":
+               sum(mean_pairwise_cosine(torch.stack([z[b] for z in latents])) for b in prompts) / len(prompts)}
+        if self.vae is not None:
+            frames = [torch.from_numpy(decode(z, self.vae)).float() for z in latents]  # [B, F, H, W, 3] each
+            out[f"phase{k}/diversity_pixel_rms"] = sum(
+                mean_pairwise([f[b] for f in frames], lambda a, c: float((a - c).pow(2).mean().sqrt())) for b in prompts
+            ) / len(prompts)
+        return out
 
 
 def _peak_memory_gb() -> float:

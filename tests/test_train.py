@@ -116,7 +116,7 @@ def started(tiny):
     root, overrides = tiny
     tiny_vae().save_pretrained(root / "vae")  # previews: logging settings are not part of the run's identity
     extras = {"full": ["logging.sample_every=2", "logging.sample_count=2", f"logging.vae={root / 'vae'}",
-                       "logging.console_every=3"],
+                       "logging.console_every=3", "logging.eval_every=2"],
               "interleaved_full": INTERLEAVED,
               # A CFG scale this large overflows fp32: every DMD target is inf/nan, every generator step skipped.
               "nan": ["method.cfg_scale=1e39", "train.checkpoint_every=1", "train.max_bad_steps=2"]}
@@ -167,6 +167,11 @@ def test_two_phase_run_completes_with_contracts(request, family):
         assert min(r["phase1/t_min"] for r in rows if "phase1/t_min" in r) > 0.75
         return
     assert {f"phase{k}/dmd_normaliser" for k in (1, 2)} <= keys
+    # logging.eval_every=2: the preview prompts' diversity across 3 seeds, in latents and decoded pixels
+    for k in (1, 2):
+        checks = [r for r in rows if f"phase{k}/diversity_latent_cosine" in r]
+        assert [r["step"] % 4 for r in checks] == [2, 0] and all(-1 <= r[f"phase{k}/diversity_latent_cosine"] < 1
+                                                                 and r[f"phase{k}/diversity_pixel_rms"] > 0 for r in checks)
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline, "an offline W&B run is written"
     # Previews every 2 steps (2 latent frames decode to 5-frame GIFs), and the same files in W&B's media.

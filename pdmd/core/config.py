@@ -150,6 +150,10 @@ class LoggingConfig:
     sample_every: int = 0  # decode preview samples every N generator steps (0 = never; needs vae)
     sample_count: int = 2  # previews per logging step: the first prompts of the data set, fixed noise
     vae: str | None = None  # AutoencoderKLWan folder, or a pipeline folder with vae/ (e.g. the teacher's)
+    # every N generator steps: the preview prompts from eval_seeds seeds, their pairwise latent cosine
+    # similarity (and pixel distance with vae) logged per phase (docs/eval.md); 0 = never
+    eval_every: int = 0
+    eval_seeds: int = 3
 
 
 @dataclass
@@ -512,6 +516,10 @@ def validate(cfg: RunConfig) -> None:
     log = cfg.logging
     if not isinstance(log.sample_every, int) or log.sample_every < 0:
         raise ConfigError(f"logging.sample_every={log.sample_every!r} must be an integer >= 0 (0 = no previews)")
+    if not isinstance(log.eval_every, int) or log.eval_every < 0:
+        raise ConfigError(f"logging.eval_every={log.eval_every!r} must be an integer >= 0 (0 = no diversity checks)")
+    if not isinstance(log.eval_seeds, int) or log.eval_seeds < 2:
+        raise ConfigError(f"logging.eval_seeds={log.eval_seeds!r} must be an integer >= 2 (pairs of seeds are compared)")
     if not isinstance(log.console_every, int) or log.console_every < 0:
         raise ConfigError(f"logging.console_every={log.console_every!r} must be an integer >= 0 (0 = about 20 lines "
                           "a phase)")

@@ -111,30 +111,18 @@ def _heads_to_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     return chunks.permute(1, 2, 0, 3, 4).reshape(s // size, b, size * h, d)
 
 
-class _SeqToHeads(torch.autograd.Function):
-    """Ulysses: [s/cp, b, h, d] (my tokens, every head) -> [s, b, h/cp, d] (every token, my heads)."""
+class _UlyssesAllToAll(torch.autograd.Function):
+    """Ulysses' exchange: tokens -> heads ([s/cp, b, h, d] -> [s, b, h/cp, d]) or back; the gradient takes
+    the other direction."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _seq_to_heads(x, group)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _heads_to_seq(grad, ctx.group), None
-
-
-class _HeadsToSeq(torch.autograd.Function):
-    """The inverse: [s, b, h/cp, d] -> [s/cp, b, h, d]."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _heads_to_seq(x, group)
+    def forward(ctx, x: torch.Tensor, group: dist.ProcessGroup, to_heads: bool) -> torch.Tensor:
+        ctx.group, ctx.to_heads = group, to_heads
+        return (_seq_to_heads if to_heads else _heads_to_seq)(x, group)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _seq_to_heads(grad, ctx.group), None
+        return (_heads_to_seq if ctx.to_heads else _seq_to_heads)(grad, ctx.group), None, None
 
 
 def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
@@ -144,14 +132,14 @@ def sequence_to_heads(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch
         return x
     if x.shape[2] % group_size(group):
         raise ValueError(f"{x.shape[2]} heads do not split over {group_size(group)} context-parallel ranks (Ulysses)")
-    return _SeqToHeads.apply(x, group)
+    return _UlyssesAllToAll.apply(x, group, True)
 
 
 def heads_to_sequence(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """Ulysses' second all-to-all: [s, b, h/n, d] -> [s/n, b, h, d]."""
     if group_size(group) == 1:
         return x
-    return _HeadsToSeq.apply(x, group)
+    return _UlyssesAllToAll.apply(x, group, False)
 
 
 def split_for_rank(x: torch.Tensor, dim: int, group: dist.ProcessGroup | None) -> torch.Tensor:

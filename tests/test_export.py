@@ -194,10 +194,13 @@ def test_three_phases_get_the_experts_layout(tiny_wan_run):
 
 
 # --- user mistakes ---------------------------------------------------------------------------------------
-def test_wrong_teacher_is_a_layout_mismatch(tiny_wan_run):
-    _, results = tiny_wan_run
+def test_wrong_teacher_is_refused_before_any_work(tiny_wan_run):
+    """--teacher with other shapes: the run recorded its teacher's content, so the export says so at once
+    (runs from before content identity still get the layout diagnosis when the checkpoint does not fit)."""
+    root, results = tiny_wan_run
     r = results["export_wrong_teacher"]
-    assert r["code"] == 2 and "is --teacher the run's teacher" in r["stderr"], r["stderr"]
+    assert r["code"] == 2 and "is not the teacher" in r["stderr"] and "pass that teacher's folder" in r["stderr"], r["stderr"]
+    assert not (root / "export_bad").exists()
 
 
 def _export(argv: list[str], capsys) -> tuple[int, str]:

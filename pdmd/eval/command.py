@@ -70,7 +70,7 @@ def read_media(folder: Path) -> dict[int, dict[int, torch.Tensor]]:
             frames = [torch.from_numpy(f) for f in iio.imread(path)]
         else:
             with Image.open(path) as img:
-                frames = [torch.from_numpy(np.asarray(f.convert("RGB"))) for f in ImageSequence.Iterator(img)]
+                frames = [torch.from_numpy(np.array(f.convert("RGB"))) for f in ImageSequence.Iterator(img)]
         out.setdefault(prompt, {})[seed] = torch.stack(frames).permute(0, 3, 1, 2).float() / 255.0
     if not out:
         raise EvalError(f"{folder} holds no p<prompt>_s<seed>.gif|png|mp4 files (pdmd eval --export writes them)")

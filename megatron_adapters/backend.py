@@ -121,8 +121,8 @@ class Trainable:
         self.ema_decay = float(getattr(optim, "ema", 0.0))
         self.ema_updates = 0
         # Keyed by parameter name; only what trains (a LoRA student: its adapters) is averaged.
-        self.ema = ({n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad}
-                    if self.ema_decay else {})
+        self._averaged = ({n: p for n, p in model.named_parameters() if p.requires_grad} if self.ema_decay else {})
+        self.ema = {n: p.detach().float().clone() for n, p in self._averaged.items()}
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -131,38 +131,32 @@ class Trainable:
         if not self.ema:
             return
         decay = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
-        for n, p in self.model.named_parameters():
-            if n in self.ema:
-                self.ema[n].lerp_(p.detach().float(), 1 - decay)
+        for n, p in self._averaged.items():
+            self.ema[n].lerp_(p.detach().float(), 1 - decay)
         self.ema_updates += 1
 
     @contextmanager
     def averaged(self):
         """The model with the average's weights in place of its own (restored after)."""
-        if not self.ema:
-            yield self.model
-            return
-        params = {n: p for n, p in self.model.named_parameters() if n in self.ema}
-        saved = {n: p.detach().clone() for n, p in params.items()}
+        saved = {n: p.detach().clone() for n, p in self._averaged.items()}
         with torch.no_grad():
-            for n, p in params.items():
+            for n, p in self._averaged.items():
                 p.copy_(self.ema[n])
         try:
             yield self.model
         finally:
             with torch.no_grad():
-                for n, p in params.items():
+                for n, p in self._averaged.items():
                     p.copy_(saved[n])
 
     def ema_sharded_state_dict(self, prefix: str) -> dict:
         """The average as the model's own sharded tensors (same keys, layouts and resharding), holding the
         fp32 average instead of the weights; loading fills the average in place."""
-        params = {n: p for n, p in self.model.named_parameters() if n in self.ema}
-        originals = {n: p.data for n, p in params.items()}
+        originals = {n: p.data for n, p in self._averaged.items()}
         ours = {t.data_ptr(): t for t in self.ema.values()}
         kept = {}
         try:
-            for n, p in params.items():
+            for n, p in self._averaged.items():
                 p.data = self.ema[n]
             for key, value in self.model.sharded_state_dict(prefix=prefix).items():
                 data = getattr(value, "data", None)
@@ -170,7 +164,7 @@ class Trainable:
                     value.data = ours[data.data_ptr()]  # the average itself, not the (restored) parameter
                     kept[key] = value
         finally:
-            for n, p in params.items():
+            for n, p in self._averaged.items():
                 p.data = originals[n]
         if len(kept) != len(self.ema):
             raise RuntimeError(f"{self.name}: {len(self.ema)} averaged parameters but {len(kept)} checkpoint tensors "

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pdmd.core.config import CP_COMMS
 from pdmd.core.tensors import DTYPES, rel_err
 
 
@@ -28,7 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--pp", type=int, default=1)
     p.add_argument("--cp", type=int, default=1)
-    p.add_argument("--cp-comm", choices=["all_gather", "ulysses"], default="all_gather",
+    p.add_argument("--cp-comm", choices=list(CP_COMMS), default=CP_COMMS[0],
                    help="context-parallel attention: gather K/V, or Ulysses' all-to-all over heads")
     p.add_argument("--sp", action="store_true", help="sequence parallel (needs tp > 1)")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32")

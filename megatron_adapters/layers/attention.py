@@ -28,6 +28,7 @@ from megatron_adapters.runtime.comm import (
     cp_group,
     heads_to_sequence,
     sequence_to_heads,
+    split_for_rank,
     tp_group,
 )
 from megatron_adapters.runtime.parallel import cp_comm
@@ -66,17 +67,11 @@ class SDPAttention(MegatronModule):
         runs there on the whole sequence, a second all-to-all hands each rank its tokens back. Replicated
         (text) queries and keys are cut to the rank's heads, and their outputs gathered over the heads."""
         n = query.shape[0] - key.shape[0]  # replicated (text) queries in front; 0 in self-attention
-        sharded = [sequence_to_heads(t, group) for t in (query[n:], key, value)]
-        rank, size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
-
-        def my_heads(t):
-            return t.chunk(size, dim=2)[rank]
-
-        q, k, v = sharded
-        if prefix_kv is not None:
-            k, v = torch.cat([my_heads(prefix_kv[0]), k]), torch.cat([my_heads(prefix_kv[1]), v])
+        q, k, v = (sequence_to_heads(t, group) for t in (query[n:], key, value))
+        if prefix_kv is not None:  # this rank's heads of the replicated keys and values
+            k, v = (torch.cat([split_for_rank(p, 2, group), t]) for p, t in zip(prefix_kv, (k, v)))
         if n:
-            q = torch.cat([my_heads(query[:n]), q])
+            q = torch.cat([split_for_rank(query[:n], 2, group), q])
         s, b, h = q.shape[0], q.shape[1], q.shape[2]
         out = _sdpa(q, k, v, key_mask).view(s, b, h, -1)
         image = heads_to_sequence(out[n:], group).flatten(2)

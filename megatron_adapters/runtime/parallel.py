@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_adapters.runtime import cpu_compat
+from pdmd.core.config import CP_COMMS
 from pdmd.core.distributed import free_port
 from pdmd.core.pipeline_split import pipeline_split, stage_offset
 
@@ -245,7 +246,6 @@ def initialize(
 
 _PP_LAYERS: tuple[int, ...] | None = None  # the initialized layout's parallel.pp_layers
 _CP_COMM = "all_gather"  # and its parallel.cp_comm
-CP_COMMS = ("all_gather", "ulysses")
 
 
 def cp_comm() -> str:

@@ -257,6 +257,7 @@ def _pop(tree: dict[str, Any], path: tuple[str, ...]) -> Any:
 
 
 LR_DECAYS = ("constant", "linear", "cosine")
+CP_COMMS = ("all_gather", "ulysses")  # parallel.cp_comm: megatron_adapters/layers/attention.py
 
 
 def lr_at(optim: OptimConfig, step: int, steps: int) -> float:
@@ -459,10 +460,10 @@ def validate(cfg: RunConfig) -> None:
         value = getattr(cfg.parallel, key)
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"parallel.{key}={value!r} must be an integer >= 1")
-    if cfg.parallel.cp_comm not in ("all_gather", "ulysses"):
+    if cfg.parallel.cp_comm not in CP_COMMS:
         hint = (" (Transformer Engine's CP attention is not wired in yet: docs/training.md)"
                 if cfg.parallel.cp_comm == "te" else "")
-        raise ConfigError(f"parallel.cp_comm={cfg.parallel.cp_comm!r}: choose all_gather or ulysses{hint}")
+        raise ConfigError(f"parallel.cp_comm={cfg.parallel.cp_comm!r}: choose {' or '.join(CP_COMMS)}{hint}")
     given = cfg.parallel.pp_layers
     if given is not None and (not isinstance(given, list) or len(given) != cfg.parallel.pp
                               or any(not isinstance(n, int) or n < 1 for n in given)):

@@ -35,7 +35,7 @@ from pdmd.export.files import (
     parse_dtype,
     staged_folder,
     write_json,
-    write_lora,
+    write_phase_loras,
     write_scheduler,
     write_transformer,
 )
@@ -124,12 +124,10 @@ def _write_phases(run: RunInfo, experts, opts: ExportOptions, stage: Path, out: 
     k_count, base = run.plan.num_phases, opts.base_pipeline
     folders = phase_folders(k_count)
     for p in run.phases:
-        origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
         if opts.lora_only:
             state = experts.lora_diffusers(p.index)
             if is_rank0():
-                for fmt in opts.lora_formats:
-                    write_lora(stage / lora_file(p.index, fmt), state, dtype, origin, fmt)
+                write_phase_loras(stage, run, p, state, dtype, opts.lora_formats)
         else:
             state = experts.expert_diffusers(p.index)
             if is_rank0():

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,16 @@ import torch
 
 from pdmd.core.distributed import barrier, is_rank0
 from pdmd.core.tensors import DTYPES
-from pdmd.export.layout import COMPONENTS, EXPORT_INFO, SCHEDULER_CLASS, ExportError, read_json
+from pdmd.export.layout import (
+    COMPONENTS,
+    EXPORT_INFO,
+    SCHEDULER_CLASS,
+    ExportError,
+    PhaseInfo,
+    RunInfo,
+    lora_file,
+    read_json,
+)
 
 WEIGHTS = "diffusion_pytorch_model{suffix}.safetensors"
 MAX_SHARD = "10GB"
@@ -119,6 +128,14 @@ def write_lora(path: Path, state: Mapping[str, torch.Tensor], dtype: torch.dtype
         raise ExportError(f"--lora-format {fmt}: choose diffusers or comfyui")
     save_file(tensors, str(path), metadata={"format": "pt", **{f"pdmd_{k}": str(v) for k, v in info.items()}})
     _readable(path)
+
+
+def write_phase_loras(stage: Path, run: RunInfo, phase: PhaseInfo, state: Mapping[str, torch.Tensor],
+                      dtype: torch.dtype, formats: Sequence[str], model: str = "wan") -> None:
+    """Phase ``phase``'s adapters in every requested format (``lora_file`` names), tagged with their origin."""
+    origin = {"run": str(run.path.resolve()), "phase": str(phase.index), "base": run.subfolders[phase.student_expert]}
+    for fmt in formats:
+        write_lora(stage / lora_file(phase.index, fmt), state, dtype, origin, fmt, model)
 
 
 # diffusers WanTransformer3DModel module -> the original Wan checkpoint's (wan/modules/model.py) module

@@ -310,6 +310,14 @@ def lora_file(k: int, fmt: str = "diffusers") -> str:
     return f"phase{k}_lora.safetensors" if fmt == "diffusers" else f"phase{k}_lora_{fmt}.safetensors"
 
 
+def lora_entries(k: int, formats: Sequence[str] | None) -> dict[str, str | None]:
+    """``pdmd_export.json``'s names of phase k's LoRA files (None for a format not written; ``formats`` None:
+    not a --lora-only export)."""
+    formats = formats or ()
+    return {"lora": lora_file(k) if "diffusers" in formats else None,
+            "lora_comfyui": lora_file(k, "comfyui") if "comfyui" in formats else None}
+
+
 def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float | None, *, lora_only: bool,
                 dtype: str, lora_formats: Sequence[str] = LORA_FORMATS) -> dict[str, Any]:
     """What ``pdmd_export.json`` records: enough to sample the export with our sampler, and its origin."""
@@ -332,8 +340,7 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], boundary_ratio: float |
             "index": p.index,
             "steps": list(run.plan.steps_in_phase(p.index)),
             "folder": None if lora_only else folders[p.index],
-            "lora": lora_file(p.index) if lora_only and "diffusers" in lora_formats else None,
-            "lora_comfyui": lora_file(p.index, "comfyui") if lora_only and "comfyui" in lora_formats else None,
+            **lora_entries(p.index, lora_formats if lora_only else None),
             "base": run.subfolders[p.student_expert],
             "pipeline_slot": folders[p.index] if is_wan_pipeline(run.plan.num_phases) else None,
         } for p in run.phases],

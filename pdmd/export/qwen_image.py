@@ -43,7 +43,7 @@ from pdmd.export.files import (
     safetensors_shapes,
     staged_folder,
     write_json,
-    write_lora,
+    write_phase_loras,
     write_scheduler,
     write_transformer,
 )
@@ -55,6 +55,7 @@ from pdmd.export.layout import (
     ExportOptions,
     RunInfo,
     infer_shift,
+    lora_entries,
     lora_file,
     read_json,
 )
@@ -245,9 +246,7 @@ def _write_qwen_lora(run: RunInfo, experts, opts: ExportOptions, stage: Path, ou
     for p in run.phases:
         state = experts.lora_diffusers(p.index)
         if is_rank0():
-            origin = {"run": str(run.path.resolve()), "phase": str(p.index), "base": run.subfolders[p.student_expert]}
-            for fmt in opts.lora_formats:
-                write_lora(stage / lora_file(p.index, fmt), state, dtype, origin, fmt, model="qwen-image")
+            write_phase_loras(stage, run, p, state, dtype, opts.lora_formats, model="qwen-image")
             print(f"convert_to_diffusers: phase {p.index} -> {out / lora_file(p.index, opts.lora_formats[0])}",
                   flush=True)
         del state
@@ -269,9 +268,7 @@ def export_info(run: RunInfo, scheduler: dict[str, Any], bounds: list[float], pr
         "trust_remote_code": run.plan.num_phases > 1 and not lora,
         "scheduler": {"_class_name": SCHEDULER_CLASS, **scheduler}, "dtype": dtype, "components": list(present),
         "phases": [{"index": p.index, "steps": list(run.plan.steps_in_phase(p.index)),
-                    "base": run.subfolders[p.student_expert],
-                    "lora": lora_file(p.index) if lora and "diffusers" in lora_formats else None,
-                    "lora_comfyui": lora_file(p.index, "comfyui") if lora and "comfyui" in lora_formats else None}
+                    "base": run.subfolders[p.student_expert], **lora_entries(p.index, lora_formats)}
                    for p in run.phases],
     }
 

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pdmd.core.config import ConfigError, RunConfig, _build
+from pdmd.core.config import CP_COMMS, ConfigError, RunConfig, _build
 from pdmd.core.errors import UserError
 from pdmd.core.pipeline_split import pipeline_split
 from pdmd.plan import comm
@@ -369,9 +369,7 @@ def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dic
     as in the MFU figures the default comes from.)"""
     f = forward_flops(w.arch, tokens, w.text_len)
     fwd = f.total
-    steps = w.plan.steps_per_phase
-    before = sum(steps[: k - 1])
-    rollout = before + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
+    rollout, rollouts = _rollout_passes(w, k), _fake_rollouts(w)
     extra = 1.0 if recompute == "full" else 0.0
     full_train = fwd * (1 + extra) + 2 * f.linear + 2 * f.attention
     if w.lora:
@@ -381,7 +379,6 @@ def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dic
         student = full_train
     teacher = (2 if w.cfg_scale != 1.0 else 1) * fwd
     gen = {"rollout": rollout * fwd, "teacher": teacher, "fake": fwd, "student": student}
-    rollouts = -(-w.fake_ratio // w.fake_rollout_reuse)  # method.fake_rollout_reuse updates share one
     fake = {"fake_rollout": rollouts * rollout * fwd, "fake_fake_train": w.fake_ratio * full_train}
     total = sum(gen.values()) + sum(fake.values())
     return {**{f"generator_{n}": v for n, v in gen.items()}, **fake, "total": total, "forward": fwd}
@@ -390,13 +387,23 @@ def step_flops(w: Workload, k: int, tokens: int, recompute: str = "none") -> dic
 def passes(w: Workload, k: int, recompute: str = "none") -> dict[str, float]:
     """Whole-model passes per sample of one generator update of phase k: forwards (rollouts, teacher
     cond/uncond, fakes, the trained passes' forwards and their recomputation) and backwards."""
-    steps = w.plan.steps_per_phase
-    rollout = sum(steps[: k - 1]) + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
+    rollout = _rollout_passes(w, k)
     teacher = 2 if w.cfg_scale != 1.0 else 1
     trained = 1 + w.fake_ratio  # the student's pass and each fake update's
-    rollouts = -(-w.fake_ratio // w.fake_rollout_reuse)
-    forward = rollout + teacher + 1 + rollouts * rollout + trained * (2 if recompute == "full" else 1)
+    forward = rollout + teacher + 1 + _fake_rollouts(w) * rollout + trained * (2 if recompute == "full" else 1)
     return {"forward": forward, "backward": trained}
+
+
+def _rollout_passes(w: Workload, k: int) -> float:
+    """Model passes of one rollout in phase k: the earlier phases' steps, then (SGTS) on average (n + 1) / 2
+    of this phase's n steps, or all n."""
+    steps = w.plan.steps_per_phase
+    return sum(steps[: k - 1]) + ((steps[k - 1] + 1) / 2 if w.sgts else steps[k - 1])
+
+
+def _fake_rollouts(w: Workload) -> int:
+    """Rollouts of a generator update's fake steps: ``method.fake_rollout_reuse`` updates share one."""
+    return -(-w.fake_ratio // w.fake_rollout_reuse)
 
 
 def trainable_params(w: Workload, full: bool) -> float:
@@ -643,7 +650,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mix", help="resolution mix CxFxHxW:weight,... (default: train.latent_shape; presets: theirs)")
     p.add_argument("--global-batch", type=int, help="samples per update, the same for every layout (default: the "
                    "recipe's at its own layout, dp x micro-batch x micro-batches; presets: 64)")
-    p.add_argument("--cp-comm", choices=["all_gather", "ulysses"], help="context-parallel attention (default: the recipe's)")
+    p.add_argument("--cp-comm", choices=list(CP_COMMS), help="context-parallel attention (default: the recipe's)")
     p.add_argument("--nvlink-gbps", type=float, default=comm.Network.nvlink_gbps, help="GB/s per GPU each way in a node")
     p.add_argument("--ib-gbps", type=float, default=comm.Network.ib_gbps, help="GB/s per GPU across nodes")
     p.add_argument("--gpus-per-node", type=int, default=comm.Network.gpus_per_node)

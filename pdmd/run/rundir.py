@@ -106,18 +106,18 @@ class RunDir:
         (with its paths) becomes the run's."""
         if self.exists():
             manifest = self.read()
-            saved_content = manifest.get("content")
+            saved_config, saved_content = manifest.get("config") or {}, manifest.get("content")
             changes = {}
             if (manifest["config_hash"] != config_hash or saved_content is None) and resume_changes is not None:
-                changes = resume_changes(manifest.get("config") or {}, saved_content)
+                changes = resume_changes(saved_config, saved_content)
             if changes is None or (manifest["config_hash"] != config_hash and resume_changes is None):
                 raise ValueError(
                     f"{self.path} was started with another configuration (hash {manifest['config_hash'][:12]} vs "
                     f"{config_hash[:12]}): resume it with the same recipe and overrides (saved in its manifest "
                     "under 'config'; only learning rates and checkpoint/log cadence may change on resume, and "
                     "inputs may move if their content is the same), or use a new --run-dir")
-            moved = {key: [get(manifest.get("config") or {}, key), get(config, key)] for key in PATH_KEYS
-                     if get(manifest.get("config") or {}, key) != get(config, key)}
+            moved = {key: [get(saved_config, key), get(config, key)] for key in PATH_KEYS
+                     if get(saved_config, key) != get(config, key)}
             if changes or moved or saved_content is None:
                 event: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
                                          "phase_steps": {e["index"]: e["step"] for e in manifest["phases"]}}

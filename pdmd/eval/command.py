@@ -195,9 +195,10 @@ def run(args: argparse.Namespace) -> int:
         results["models"][name] = {"folder": str(folder), **judge(media, dino, lpips, flow, args.fps)}
         for prompt, by_seed in media.items():
             contact_sheet(by_seed, sheets / f"{name}_p{prompt:03d}.png")
+    table = results_markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=1))
-    (out / "results.md").write_text(results_markdown(results))
-    print(results_markdown(results) + f"\n{out / 'results.json'}, {out / 'results.md'}, contact sheets in {sheets}")
+    (out / "results.md").write_text(table)
+    print(table + f"\n{out / 'results.json'}, {out / 'results.md'}, contact sheets in {sheets}")
     if args.wandb != "disabled":
         _log_wandb(results, sheets, args.wandb, out)
     return 0

@@ -114,6 +114,15 @@ def qwen_runs(qwen_tiny, tmp_path_factory) -> dict:
     return qwen_runs(qwen_tiny, tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def demo_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """`pdmd demo --fast` and `pdmd bench toy --fast --teacher exact --ablations` in a copy of its cache
+    (tests/tiny_run.py): (the folder holding ``demo/`` and ``exact_bench/``, each command's exit code and output)."""
+    from tests.tiny_run import demo_runs
+
+    return demo_runs(tmp_path_factory)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_trained_builds(request, tmp_path_factory):
     """Start the trained builds that the selected tests ask for now, each in its own process, so that they
@@ -128,6 +137,8 @@ def _start_trained_builds(request, tmp_path_factory):
         tiny_run.start_tiny_image_runs(tmp_path_factory)
     if "qwen_runs" in wanted:
         tiny_run.start_qwen_runs(request.getfixturevalue("qwen_tiny"), tmp_path_factory)
+    if "demo_runs" in wanted:
+        tiny_run.start_demo(tmp_path_factory)
     yield
     for build in tiny_run.BUILDS.values():
         build.stop()

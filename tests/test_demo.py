@@ -8,9 +8,6 @@ exact field."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,27 +16,22 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multirank  # runs the trainer (gloo) in a subprocess
 
 
-def _pdmd(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "pdmd.cli", *args], capture_output=True, text=True, env=env,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    return proc
+@pytest.fixture(scope="module")
+def demo(demo_runs):
+    """(the demo's output folder, its stdout); conftest starts it with the session (tests/tiny_run.py)."""
+    root, results = demo_runs
+    assert results["demo"]["code"] == 0, results["demo"]["stdout"][-2000:] + results["demo"]["stderr"]
+    return root / "demo", results["demo"]["stdout"]
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    return out, _pdmd("demo", "--fast", "--out", str(out), "--wandb", "offline").stdout
-
-
-@pytest.fixture(scope="module")
-def exact_bench(demo):
-    """The closed-form teacher with every ablation, in the demo's cache (its teacher network and shards)."""
-    out, _ = demo
-    _pdmd("bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--out", str(out), "--json",
-          str(out / "exact.json"), "--set", "method.fake_warmup=2", "student.lr_decay=linear")
-    return json.loads((out / "exact.json").read_text())
+def exact_bench(demo_runs):
+    """(its output folder, its JSON): the closed-form teacher with every ablation, in a copy of the demo's cache
+    (its teacher network and shards)."""
+    root, results = demo_runs
+    bench = results.get("exact_bench", {"code": "not run (the demo failed)", "stdout": "", "stderr": ""})
+    assert bench["code"] == 0, bench["stdout"][-2000:] + bench["stderr"]
+    return root / "exact_bench", json.loads((root / "exact_bench" / "exact.json").read_text())
 
 
 def _one(folder: Path, prefix: str) -> Path:
@@ -90,9 +82,8 @@ METHODS = {"exact", "teacher_ref", "teacher_4", "phased_dmd", "dmd2_sgts", "dmd2
            "phased_dmd_naive"}
 
 
-def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_bench, demo):
-    out, _ = demo
-    result = exact_bench
+def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_bench):
+    out, result = exact_bench
     assert result["settings"]["teacher"] == "exact"
     methods = result["methods"]
     assert {m["method"] for m in methods.values()} == METHODS

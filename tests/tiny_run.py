@@ -340,3 +340,46 @@ def qwen_runs(tiny, tmp_path_factory) -> dict:
 
 if __name__ == "__main__":
     build(Path(sys.argv[1]))
+
+
+# --- `pdmd demo --fast` and the exact-teacher bench in its cache ------------------------------------
+
+DEMO_COMMANDS = {  # name -> the command, run in ROOT/<name>
+    "demo": ["demo", "--fast", "--out", "{out}", "--wandb", "offline"],
+    "exact_bench": ["bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--out", "{out}", "--json",
+                    "{out}/exact.json", "--set", "method.fake_warmup=2", "student.lr_decay=linear"],
+}
+
+
+def build_demo(root: Path) -> None:
+    """tests/test_demo.py's commands, one after the other, as a user runs them (`pdmd` in its own process): the
+    demo in ``demo/``, then the bench in ``exact_bench/``, a copy of the demo's cache (its teacher network and
+    shards are reused; the demo's own files stay as the demo left them). ``results.json``: each command's exit
+    code and output."""
+    results = {}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    for name, args in DEMO_COMMANDS.items():
+        if name == "exact_bench":
+            shutil.copytree(root / "demo", root / name)
+        argv = [a.replace("{out}", str(root / name)) for a in args]
+        proc = subprocess.run([sys.executable, "-m", "pdmd.cli", *argv], capture_output=True, text=True, env=env,
+                              timeout=600)
+        results[name] = {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-6000:]}
+        if proc.returncode != 0:
+            break
+    (root / "results.json").write_text(json.dumps(results, indent=2))
+
+
+def start_demo(tmp_path_factory) -> Build:
+    root = tmp_path_factory.getbasetemp() / "pdmd_demo"
+    root.mkdir(parents=True, exist_ok=True)
+    return _build("pdmd demo and the exact-teacher bench", root,
+                  f"from pathlib import Path; from tests.tiny_run import build_demo\nbuild_demo(Path({str(root)!r}))", 1200)
+
+
+def demo_runs(tmp_path_factory) -> tuple[Path, dict]:
+    """(the folder of :func:`build_demo`'s outputs, each command's result), once per session."""
+    root = tmp_path_factory.getbasetemp() / "pdmd_demo"
+    if not (root / "results.json").is_file():
+        start_demo(tmp_path_factory).wait()
+    return root, json.loads((root / "results.json").read_text())

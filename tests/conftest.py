@@ -123,6 +123,15 @@ def demo_runs(tmp_path_factory) -> tuple[Path, dict]:
     return demo_runs(tmp_path_factory)
 
 
+@pytest.fixture(scope="session")
+def readme_run(tmp_path_factory) -> tuple[Path, dict]:
+    """The README's first distillation and the docs' CPU blocks, run as written in a fresh working directory
+    (tests/tiny_run.py's ``build_readme``): (that directory, each command's exit code and output)."""
+    from tests.tiny_run import readme_run
+
+    return readme_run(tmp_path_factory)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _start_trained_builds(request, tmp_path_factory):
     """Start the trained builds that the selected tests ask for now, each in its own process, so that they
@@ -139,6 +148,8 @@ def _start_trained_builds(request, tmp_path_factory):
         tiny_run.start_qwen_runs(request.getfixturevalue("qwen_tiny"), tmp_path_factory)
     if "demo_runs" in wanted:
         tiny_run.start_demo(tmp_path_factory)
+    if "readme_run" in wanted:
+        tiny_run.start_readme(tmp_path_factory)
     yield
     for build in tiny_run.BUILDS.values():
         build.stop()

@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -383,3 +384,86 @@ def demo_runs(tmp_path_factory) -> tuple[Path, dict]:
     if not (root / "results.json").is_file():
         start_demo(tmp_path_factory).wait()
     return root, json.loads((root / "results.json").read_text())
+
+
+# --- the README's first distillation and the docs' CPU blocks, as written ---------------------------
+
+DOCS_WITH_CPU_BLOCKS = ("docs/data.md", "docs/training.md", "docs/export.md", "docs/plan.md")
+
+
+def readme_commands() -> list[str]:
+    """The command block after the README's ``first-distillation`` marker, one command a line."""
+    text = (ROOT / "README.md").read_text()
+    block = text[text.index("<!-- first-distillation"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def doc_blocks(doc: str) -> list[str]:
+    """The ``bash`` blocks of a doc that follow a ``cpu-commands`` marker."""
+    parts = (ROOT / doc).read_text().split("<!-- cpu-commands")[1:]
+    return [part.split("```bash\n", 1)[1].split("```", 1)[0] for part in parts]
+
+
+def _outcome(command: str, proc: subprocess.CompletedProcess | subprocess.Popen, out: str, err: str) -> dict:
+    return {"command": command, "code": proc.returncode, "stdout": out, "stderr": err}
+
+
+def build_readme(root: Path) -> None:
+    """In ``root`` (a fresh working directory with only the recipes): the README's first-distillation commands
+    one after the other as written (`pdmd` is this checkout's CLI; stops at the first failure), the finished run
+    resumed from another directory, then the docs' CPU blocks as a shell runs them (`pdmd` and tools/ as
+    installed; independent of one another, so run together, one core each). ``results.json`` (beside root):
+    each command's exit code and output."""
+    from pdmd.core.distributed import free_port
+
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(ROOT / "configs", root / "configs")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
+           "MASTER_PORT": str(free_port())}
+    results: dict = {"readme": [], "again": None, "docs": []}
+    for command in readme_commands():
+        argv = shlex.split(command)
+        if argv[0] == "pdmd":
+            argv = [sys.executable, "-m", "pdmd.cli", *argv[1:]]
+        elif argv[0] == "python":
+            argv = [sys.executable, *(str(ROOT / a) if a.startswith("tools/") else a for a in argv[1:])]
+        proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=env, timeout=300)
+        results["readme"].append(_outcome(command, proc, proc.stdout, proc.stderr))
+        if proc.returncode != 0:
+            break
+    else:
+        (root / "elsewhere").mkdir()
+        resume = [sys.executable, "-m", "pdmd.cli", "train", str(root / "configs" / "tiny_wan22.yaml"), "--run-dir",
+                  str(root / "runs" / "tiny")]
+        proc = subprocess.run(resume, cwd=root / "elsewhere", capture_output=True, text=True, env=env, timeout=300)
+        results["again"] = _outcome(shlex.join(resume), proc, proc.stdout, proc.stderr)
+        (root / "bin").mkdir()
+        shim = root / "bin" / "pdmd"
+        shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m pdmd.cli "$@"\n')
+        shim.chmod(0o755)
+        (root / "tools").symlink_to(ROOT / "tools")
+        shell_env = {**env, "PATH": f"{root / 'bin'}:{Path(sys.executable).parent}:{env['PATH']}"}
+        started = [(doc, block, subprocess.Popen(["bash", "-euo", "pipefail", "-c", block], cwd=root, text=True,
+                                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                 env={**shell_env, "MASTER_PORT": str(free_port())}))  # one each
+                   for doc in DOCS_WITH_CPU_BLOCKS for block in doc_blocks(doc)]
+        for doc, block, popen in started:
+            out, err = popen.communicate(timeout=600)
+            results["docs"].append([doc, _outcome(block, popen, out, err)])
+    root.with_name(root.name + ".json").write_text(json.dumps(results, indent=2))
+
+
+def start_readme(tmp_path_factory) -> Build:
+    root = tmp_path_factory.getbasetemp() / "pdmd_readme"
+    return _build("the README's first distillation and the docs' CPU blocks", root,
+                  f"from pathlib import Path; from tests.tiny_run import build_readme\nbuild_readme(Path({str(root)!r}))",
+                  1200)
+
+
+def readme_run(tmp_path_factory) -> tuple[Path, dict]:
+    """(the working directory of :func:`build_readme`, each command's result), once per session."""
+    root = tmp_path_factory.getbasetemp() / "pdmd_readme"
+    results = root.with_name(root.name + ".json")
+    if not results.is_file():
+        start_readme(tmp_path_factory).wait()
+    return root, json.loads(results.read_text())

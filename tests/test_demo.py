@@ -110,7 +110,7 @@ def test_exact_teacher_bench_writes_the_json_contract_with_every_ablation(exact_
     assert [sorted(k for k in r if k.endswith("fake_warmup_loss")) for r in warm] == [["phase1/fake_warmup_loss"],
                                                                                       ["phase2/fake_warmup_loss"]]
     lrs = [r["phase2/student_lr"] for r in rows if "phase2/student_lr" in r]  # student.lr_decay=linear
-    assert lrs[0] == pytest.approx(1e-4) and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(1e-4 / 8)
+    assert lrs[0] == pytest.approx(3e-5) and lrs == sorted(lrs, reverse=True) and lrs[-1] == pytest.approx(3e-5 / 8)
     assert {r["phase2/fake_lr"] for r in rows if "phase2/fake_lr" in r} == {1e-4}
     j2 = json.loads((_one(out / "runs", "dmd2_sgts_j2plus_exact_seed0_") / "manifest.json").read_text())["config"]
     assert j2["method"]["sgts_min_step"] == 2 and j2["plan"]["num_phases"] == 1

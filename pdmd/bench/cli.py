@@ -33,7 +33,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the teacher network learns: regression on the exact velocity (default) or flow matching")
     p.add_argument("--reference-steps", type=int, help="steps of the converged reference sampler (default 200)")
     p.add_argument("--distill-batch", type=int, dest="batch", help="samples per generator / fake update (default 8)")
-    p.add_argument("--student-lr", type=float, help="student learning rate (default 1e-4)")
+    p.add_argument("--student-lr", type=float, help="student learning rate (default 3e-5)")
     p.add_argument("--fake-lr", type=float, help="fake score learning rate (default 1e-4)")
     p.add_argument("--fake-ratio", type=int, help="fake updates per generator update (default 2)")
     p.add_argument("--network", metavar="HEADSxHEAD_DIMxFFN",

@@ -35,7 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distill-batch", type=int, dest="batch", help="samples per generator / fake update (default 8)")
     p.add_argument("--student-lr", type=float, help="student learning rate (default 3e-5)")
     p.add_argument("--fake-lr", type=float, help="fake score learning rate (default 1e-4)")
-    p.add_argument("--fake-ratio", type=int, help="fake updates per generator update (default 2)")
+    p.add_argument("--fake-ratio", type=int, help="fake updates per generator update (default 5)")
+    p.add_argument("--workers", type=int, help="distillations run at once, one process and core each (default 2)")
     p.add_argument("--network", metavar="HEADSxHEAD_DIMxFFN",
                    help="the teacher / student / fake network, e.g. 8x32x1024 (default), 8x16x512, 4x16x128 (2 layers)")
     p.add_argument("--ablations", action="store_true",
@@ -50,7 +51,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 OPTIONS = ("prompts", "modes", "groups", "latent_shape", "task_seed", "seeds", "num_steps", "phases", "distill_steps",
-           "samples", "teacher", "teacher_fit", "reference_steps", "batch", "student_lr", "fake_lr", "fake_ratio")
+           "samples", "teacher", "teacher_fit", "reference_steps", "batch", "student_lr", "fake_lr", "fake_ratio", "workers")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,9 +19,12 @@ import dataclasses
 import hashlib
 import json
 import math
+import multiprocessing
+import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,7 @@ from pdmd.bench.plots import plot_metric_bars, plot_projection, save_loss_curves
 from pdmd.bench.teacher_gate import format_gate, judge, velocity_error_by_t
 from pdmd.bench.tiny_models import write_tiny_wan22_teacher
 from pdmd.core.config import load_config
+from pdmd.core.distributed import free_port
 from pdmd.core.sampler import euler_sample
 from pdmd.core.schedule import PhasePlan, few_step_timesteps
 from pdmd.export.convert import export
@@ -90,6 +94,7 @@ class BenchSettings:
     ablations: bool = False  # also the ablation rows (SGTS from step 2, last step only, naive fake, ...)
     enforce_gate: bool = True  # stop before distilling from a trained teacher that fails the gate
     overrides: tuple[str, ...] = ()  # extra trainer overrides for every distillation (experiments)
+    workers: int = 2  # distillations run at once, each in its own process on one core (1: one after the other)
     wan: dict[str, int] = field(default_factory=lambda: dict(DEMO_WAN))
 
     @classmethod
@@ -123,6 +128,8 @@ class BenchSettings:
             raise ValueError(f"phases={self.phases} must lie in 1..steps ({self.num_steps})")
         if self.distill_steps < self.phases or self.samples < 2 or self.reference_steps < 1 or not self.seeds:
             raise ValueError("distill_steps >= phases, samples >= 2, reference_steps >= 1 and at least one seed, please")
+        if self.workers < 1:
+            raise ValueError(f"workers={self.workers}: at least 1 (distillations run at once)")
         if self.teacher not in TEACHERS:
             raise ValueError(f"teacher={self.teacher!r}: choose {' or '.join(TEACHERS)}")
         if self.teacher_fit not in TEACHER_FITS:
@@ -287,6 +294,36 @@ def distill(out: Path, m: Method, s: BenchSettings, teacher: Path, shards: Path,
     return run_dir
 
 
+def distill_all(out: Path, jobs: list[tuple[Method, int]], s: BenchSettings, teacher: Path, shards: Path, exact: Path,
+                progress: bool = False, done: Callable[[Method, int], None] = lambda m, seed: None) -> list[Path]:
+    """Every (method, seed) of ``jobs`` through :func:`distill`, run dirs in the order given. With
+    ``s.workers`` > 1 the runs go ``s.workers`` at a time, each in its own process (one torch thread, its own
+    rendezvous port): runs are independent and deterministic, so the results are those of one after the
+    other; the trainer's own progress bars are off then (they would interleave)."""
+    if s.workers == 1 or len(jobs) == 1:
+        dirs = []
+        for m, seed in jobs:
+            dirs.append(distill(out, m, s, teacher, shards, seed, exact, progress))
+            done(m, seed)
+        return dirs
+    context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
+    with ProcessPoolExecutor(max_workers=min(s.workers, len(jobs)), mp_context=context,
+                             initializer=_worker_start) as pool:
+        futures = [pool.submit(distill, out, m, s, teacher, shards, seed, exact) for m, seed in jobs]
+        dirs = []
+        for (m, seed), future in zip(jobs, futures):
+            dirs.append(future.result())
+            done(m, seed)
+        return dirs
+
+
+def _worker_start() -> None:
+    """A distillation worker: one thread, the libraries quiet, a rendezvous port of its own."""
+    torch.set_num_threads(1)
+    _quiet()
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
+
+
 def run_name(m: Method, seed: int, config_hash: str) -> str:
     return f"{m.name}_seed{seed}_{config_hash[:8]}"
 
@@ -405,10 +442,10 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     stage("references sampled")
 
     run_dirs: dict[str, list[Path]] = {}
-    for seed in s.seeds:
-        for m in rows_to_run:
-            run_dirs.setdefault(m.name, []).append(distill(out, m, s, teacher, shards, seed, exact_file, progress))
-            stage(f"{m.name} seed {seed}")
+    jobs = [(m, seed) for seed in s.seeds for m in rows_to_run]
+    for (m, _), run_dir in zip(jobs, distill_all(out, jobs, s, teacher, shards, exact_file, progress,
+                                                 done=lambda m, seed: stage(f"{m.name} seed {seed}"))):
+        run_dirs.setdefault(m.name, []).append(run_dir)
     phase1 = None
     for m in rows_to_run:
         per_seed = []

@@ -38,7 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fake-ratio", type=int, help="fake updates per generator update (default 5)")
     p.add_argument("--workers", type=int, help="distillations run at once, one process and core each (default 2)")
     p.add_argument("--network", metavar="HEADSxHEAD_DIMxFFN",
-                   help="the teacher / student / fake network, e.g. 8x32x1024 (default), 8x16x512, 4x16x128 (2 layers)")
+                   help="the teacher / student / fake network, e.g. 16x32x2048 (default), 8x32x1024, 8x16x512 (2 layers)")
     p.add_argument("--ablations", action="store_true",
                    help="also the ablation rows: SGTS from step 2, last step only, naive fake target, trained teacher")
     p.add_argument("--no-gate", action="store_true", help="report the teacher gate without stopping on a failure")
@@ -67,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             heads, head_dim, ffn = (int(v) for v in args.network.lower().split("x"))
         except ValueError:
-            print(f"pdmd bench toy: --network {args.network!r}: give HEADSxHEAD_DIMxFFN, e.g. 8x32x1024", file=sys.stderr)
+            print(f"pdmd bench toy: --network {args.network!r}: give HEADSxHEAD_DIMxFFN, e.g. 16x32x2048", file=sys.stderr)
             return 2
         settings.wan = {**settings.wan, "num_attention_heads": heads, "attention_head_dim": head_dim, "ffn_dim": ffn}
     settings.enforce_gate = settings.enforce_gate and not args.no_gate

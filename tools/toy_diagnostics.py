@@ -57,9 +57,10 @@ def cmd_teacher(args) -> None:
 
     s, task, embeds, _, _ = _setup(args)
     heads, head_dim, ffn = (int(v) for v in args.network.split("x"))
-    folder = Path(args.out) / f"teacher_{args.network}_s{args.task_seed}"
+    depth = "" if args.layers == 2 else f"_{args.layers}layers"
+    folder = Path(args.out) / f"teacher_{args.network}{depth}_s{args.task_seed}"
     shutil.rmtree(folder, ignore_errors=True)
-    write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=mb.BOUNDARY, text_dim=UMT5_DIM, num_layers=2,
+    write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=mb.BOUNDARY, text_dim=UMT5_DIM, num_layers=args.layers,
                              num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=ffn)
 
     def data(batch, gen):
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--teacher-dir", required=True)
         if name in ("phases", "shape"):
             c.add_argument("--export", required=True)
-    sub.choices["teacher"].add_argument("--network", default="8x32x1024", help="HEADSxHEAD_DIMxFFN, 2 layers")
+    sub.choices["teacher"].add_argument("--network", default="8x32x1024", help="HEADSxHEAD_DIMxFFN")
+    sub.choices["teacher"].add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
     d = sub.choices["distill"]
     d.add_argument("--name", default="run")
     d.add_argument("--method", default="phased_dmd", choices=["phased_dmd", "dmd2_sgts"])

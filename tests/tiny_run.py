@@ -30,6 +30,7 @@ from pdmd.bench.tiny_models import (  # the pipelines `pdmd tiny` writes, shared
     write_image_pipeline,
     write_test_image,
 )
+from tests.conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a cat on a sofa", "a red car in the rain"]
@@ -339,17 +340,20 @@ def qwen_runs(tiny, tmp_path_factory) -> dict:
     return {"root": root, "base": tiny.teacher, **json.loads((root / "results.json").read_text())}
 
 
-if __name__ == "__main__":
-    build(Path(sys.argv[1]))
-
-
 # --- `pdmd demo --fast` and the exact-teacher bench in its cache ------------------------------------
 
-DEMO_COMMANDS = {  # name -> the command, run in ROOT/<name>
-    "demo": ["demo", "--fast", "--out", "{out}", "--wandb", "offline"],
-    "exact_bench": ["bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--out", "{out}", "--json",
-                    "{out}/exact.json", "--set", "method.fake_warmup=2", "student.lr_decay=linear"],
-}
+DEMO = ["demo", "--fast", "--wandb", "offline"]
+EXACT_BENCH = ["bench", "toy", "--fast", "--teacher", "exact", "--ablations", "--set", "method.fake_warmup=2",
+               "student.lr_decay=linear"]
+
+
+def _pdmd(out: Path, args: list[str]) -> dict:
+    """`pdmd ARGS --out OUT` (the bench also with `--json OUT/exact.json`) in its own process; its exit code and
+    output."""
+    extra = ["--json", str(out / "exact.json")] if args[0] == "bench" else []
+    proc = subprocess.run([sys.executable, "-m", "pdmd.cli", *args, "--out", str(out), *extra], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=600)
+    return {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-6000:]}
 
 
 def build_demo(root: Path) -> None:
@@ -357,17 +361,10 @@ def build_demo(root: Path) -> None:
     demo in ``demo/``, then the bench in ``exact_bench/``, a copy of the demo's cache (its teacher network and
     shards are reused; the demo's own files stay as the demo left them). ``results.json``: each command's exit
     code and output."""
-    results = {}
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    for name, args in DEMO_COMMANDS.items():
-        if name == "exact_bench":
-            shutil.copytree(root / "demo", root / name)
-        argv = [a.replace("{out}", str(root / name)) for a in args]
-        proc = subprocess.run([sys.executable, "-m", "pdmd.cli", *argv], capture_output=True, text=True, env=env,
-                              timeout=600)
-        results[name] = {"code": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr[-6000:]}
-        if proc.returncode != 0:
-            break
+    results = {"demo": _pdmd(root / "demo", DEMO)}
+    if results["demo"]["code"] == 0:
+        shutil.copytree(root / "demo", root / "exact_bench")
+        results["exact_bench"] = _pdmd(root / "exact_bench", EXACT_BENCH)
     (root / "results.json").write_text(json.dumps(results, indent=2))
 
 
@@ -404,8 +401,8 @@ def doc_blocks(doc: str) -> list[str]:
     return [part.split("```bash\n", 1)[1].split("```", 1)[0] for part in parts]
 
 
-def _outcome(command: str, proc: subprocess.CompletedProcess | subprocess.Popen, out: str, err: str) -> dict:
-    return {"command": command, "code": proc.returncode, "stdout": out, "stderr": err}
+def _outcome(command: str, code: int, out: str, err: str) -> dict:
+    return {"command": command, "code": code, "stdout": out, "stderr": err}
 
 
 def build_readme(root: Path) -> None:
@@ -418,8 +415,7 @@ def build_readme(root: Path) -> None:
 
     root.mkdir(parents=True, exist_ok=True)
     shutil.copytree(ROOT / "configs", root / "configs")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline",
-           "MASTER_PORT": str(free_port())}
+    env = subprocess_env(MASTER_PORT=str(free_port()))
     results: dict = {"readme": [], "again": None, "docs": []}
     for command in readme_commands():
         argv = shlex.split(command)
@@ -428,7 +424,7 @@ def build_readme(root: Path) -> None:
         elif argv[0] == "python":
             argv = [sys.executable, *(str(ROOT / a) if a.startswith("tools/") else a for a in argv[1:])]
         proc = subprocess.run(argv, cwd=root, capture_output=True, text=True, env=env, timeout=300)
-        results["readme"].append(_outcome(command, proc, proc.stdout, proc.stderr))
+        results["readme"].append(_outcome(command, proc.returncode, proc.stdout, proc.stderr))
         if proc.returncode != 0:
             break
     else:
@@ -436,7 +432,7 @@ def build_readme(root: Path) -> None:
         resume = [sys.executable, "-m", "pdmd.cli", "train", str(root / "configs" / "tiny_wan22.yaml"), "--run-dir",
                   str(root / "runs" / "tiny")]
         proc = subprocess.run(resume, cwd=root / "elsewhere", capture_output=True, text=True, env=env, timeout=300)
-        results["again"] = _outcome(shlex.join(resume), proc, proc.stdout, proc.stderr)
+        results["again"] = _outcome(shlex.join(resume), proc.returncode, proc.stdout, proc.stderr)
         (root / "bin").mkdir()
         shim = root / "bin" / "pdmd"
         shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m pdmd.cli "$@"\n')
@@ -449,7 +445,7 @@ def build_readme(root: Path) -> None:
                    for doc in DOCS_WITH_CPU_BLOCKS for block in doc_blocks(doc)]
         for doc, block, popen in started:
             out, err = popen.communicate(timeout=600)
-            results["docs"].append([doc, _outcome(block, popen, out, err)])
+            results["docs"].append([doc, _outcome(block, popen.returncode, out, err)])
     root.with_name(root.name + ".json").write_text(json.dumps(results, indent=2))
 
 
@@ -467,3 +463,7 @@ def readme_run(tmp_path_factory) -> tuple[Path, dict]:
     if not results.is_file():
         start_readme(tmp_path_factory).wait()
     return root, json.loads(results.read_text())
+
+
+if __name__ == "__main__":
+    build(Path(sys.argv[1]))

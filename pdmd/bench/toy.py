@@ -301,21 +301,20 @@ def distill_all(out: Path, jobs: list[tuple[Method, int]], s: BenchSettings, tea
     ``s.workers`` > 1 the runs go ``s.workers`` at a time, each in its own process (one torch thread, its own
     rendezvous port): runs are independent and deterministic, so the results are those of one after the
     other; the trainer's own progress bars are off then (they would interleave)."""
-    if s.workers == 1 or len(jobs) == 1:
+    def finished(run_dirs) -> list[Path]:  # in the order given, each reported as it is collected
         dirs = []
-        for m, seed in jobs:
-            dirs.append(distill(out, m, s, teacher, shards, seed, exact, progress))
+        for (m, seed), run_dir in zip(jobs, run_dirs):
+            dirs.append(run_dir)
             done(m, seed)
         return dirs
+
+    if s.workers == 1 or len(jobs) == 1:
+        return finished(distill(out, m, s, teacher, shards, seed, exact, progress) for m, seed in jobs)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
     with ProcessPoolExecutor(max_workers=min(s.workers, len(jobs)), mp_context=context,
                              initializer=_worker_start) as pool:
         futures = [pool.submit(distill, out, m, s, teacher, shards, seed, exact) for m, seed in jobs]
-        dirs = []
-        for (m, seed), future in zip(jobs, futures):
-            dirs.append(future.result())
-            done(m, seed)
-        return dirs
+        return finished(future.result() for future in futures)
 
 
 def _worker_start() -> None:

@@ -35,7 +35,8 @@ def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Pat
     mb._quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = mb.BenchSettings(task_seed=args.task_seed, distill_steps=getattr(args, "distill_steps", 200))
+    s = mb.BenchSettings(task_seed=args.task_seed, distill_steps=getattr(args, "distill_steps", 200),
+                         shift=getattr(args, "shift", 5.0))
     task = s.task()
     _, embeds, negative, shards = mb.prepare_prompts(out, s)
     exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher_s{args.task_seed}.safetensors")
@@ -141,7 +142,7 @@ def cmd_distill(args) -> None:
     experts = ExportedExperts(exported)
     x, idx, _ = mb.draw(experts.velocity, experts.plan, embeds, s, args.seed)
     _record(args, args.name, evaluate(task, x, idx), seed=args.seed, real=args.real, overrides=args.overrides,
-            oracle_fake=args.oracle_fake, seconds=round(time.time() - tic), export=str(exported))
+            oracle_fake=args.oracle_fake, shift=s.shift, seconds=round(time.time() - tic), export=str(exported))
 
 
 def _euler(velocity, x, grid):
@@ -268,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--real", default="exact", choices=["exact", "trained"], help="the real score")
     d.add_argument("--distill-steps", type=int, default=200)
+    d.add_argument("--shift", type=float, default=5.0, help="time shift of the student's few-step schedule")
     d.add_argument("--oracle-fake", action="store_true", help="phase 2's fake := a Gaussian fit of the generator")
     d.add_argument("overrides", nargs="*", help="trainer overrides, e.g. method.fake_ratio=5")
     k = sub.choices["kd"]

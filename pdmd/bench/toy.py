@@ -389,7 +389,12 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     rows_to_run = methods(s)
     bar = tqdm(total=5 + len(rows_to_run) * len(s.seeds), desc="pdmd demo", unit="stage", disable=not progress)
 
+    stage_seconds: dict[str, float] = {}
+    last = [started]
+
     def stage(text: str) -> None:
+        now = time.perf_counter()
+        stage_seconds[text], last[0] = round(now - last[0], 1), now  # where the wall time goes
         bar.set_postfix_str(text)
         bar.update(1)
 
@@ -466,7 +471,7 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
               "methods": {label: summarise(r["method"], r["per_seed"], ref_spread) for label, r in rows.items()},
               "per_seed": {label: r["per_seed"] for label, r in rows.items()},
               "teacher_gate": gate, "phase1_check": phase1, "teacher_curves": curves,
-              "wall_seconds": time.perf_counter() - started}
+              "wall_seconds": time.perf_counter() - started, "stage_seconds": stage_seconds}
     write_outputs(out, task, result, samples, run_dirs)
     return result
 
@@ -572,7 +577,9 @@ def write_outputs(out: Path, task: MixtureTask, result: dict[str, Any],
         md += ["Phase 1's expert vs the teacher's own steps before the same phase-2 expert (seed "
                f"{result['settings']['seeds'][0]}): TV {a['tv']:.3f} vs {b['tv']:.3f}, coverage {a['coverage']:.3f} vs "
                f"{b['coverage']:.3f}, spread ratio {a['spread_ratio']:.3f} vs {b['spread_ratio']:.3f}.", ""]
-    md += [task.describe(), "", f"Wall time: {result['wall_seconds']:.0f} s. Plots: " + ", ".join(p.name for p in plots) + "."]
+    stages = ", ".join(f"{k} {v:.0f} s" for k, v in result.get("stage_seconds", {}).items())
+    md += [task.describe(), "", f"Wall time: {result['wall_seconds']:.0f} s ({stages}). Plots: "
+           + ", ".join(p.name for p in plots) + "."]
     (out / "results.md").write_text("\n".join(md) + "\n")
 
 

@@ -145,3 +145,17 @@ def test_gate_fails_an_untrained_teacher_and_passes_the_exact_field(tmp_path):
     assert not bad["passed"] and any("precision" in r for r in bad["reasons"])
     assert all(r["excess"] > 0.05 for r in bad["velocity_error_by_t"])
     assert "FAILED" in format_gate(bad) and "| [0, 0.05) |" in format_gate(bad)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--shift", "0"], "shift must be a finite number > 0"),
+    (["--network", "8x16"], "give HEADSxHEAD_DIMxFFN"),
+    (["--set", "student.lr"], "is not KEY=VALUE"),
+    (["--modes", "1"], "a mixture needs at least 2 modes"),
+])
+def test_bench_toy_refuses_bad_settings_before_building_anything(tmp_path, capsys, argv, message):
+    from pdmd.cli import main
+
+    assert main(["bench", "toy", "--out", str(tmp_path / "bench"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "bench").exists()

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=int, nargs="+", help="distillation seeds (default 0)")
     p.add_argument("--steps", type=int, dest="num_steps", help="few-step sampler steps of the students (default 4)")
     p.add_argument("--phases", type=int, help="Phased DMD's phases (default 2)")
+    p.add_argument("--shift", type=float, help="time shift of the students' few-step schedule (default 5, Wan's; "
+                   "1 puts the last step at t = 0.25: docs/benchmarks.md, issue 17)")
     p.add_argument("--distill-steps", type=int, help="generator updates per method (default 200)")
     p.add_argument("--samples", type=int, help="samples per prompt and method (default 256)")
     p.add_argument("--groups", type=int, help="far-apart mode groups per prompt (default 1; 2: the task where phase 1 "
@@ -50,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also log the results table and the figures to W&B (project phased-dmd-bench)")
 
 
-OPTIONS = ("prompts", "modes", "groups", "latent_shape", "task_seed", "seeds", "num_steps", "phases", "distill_steps",
+OPTIONS = ("prompts", "modes", "groups", "latent_shape", "task_seed", "seeds", "num_steps", "phases", "shift", "distill_steps",
            "samples", "teacher", "teacher_fit", "reference_steps", "batch", "student_lr", "fake_lr", "fake_ratio", "workers")
 
 

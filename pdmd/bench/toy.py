@@ -56,6 +56,7 @@ BENCH_WAN = {"num_attention_heads": 16, "attention_head_dim": 32, "ffn_dim": 204
 BOUNDARY = 0.875  # Wan2.2 T2V's expert boundary
 MAX_LENGTH = 32
 REFERENCE_SHIFT = 1.0  # the converged reference: many uniform steps (shift 5 leaves a big last step)
+MAX_THREADS = 4  # the bench's matrices are small: more threads mostly add synchronisation (2 measured)
 TEACHERS = ("trained", "exact")
 TEACHER_FITS = ("exact", "flow")
 
@@ -309,7 +310,12 @@ def distill_all(out: Path, jobs: list[tuple[Method, int]], s: BenchSettings, tea
         return dirs
 
     if s.workers == 1 or len(jobs) == 1:
-        return finished(distill(out, m, s, teacher, shards, seed, exact, progress) for m, seed in jobs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as in a worker: the same numbers whatever --workers says
+        try:
+            return finished(distill(out, m, s, teacher, shards, seed, exact, progress) for m, seed in jobs)
+        finally:
+            torch.set_num_threads(threads)
     context = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads
     with ProcessPoolExecutor(max_workers=min(s.workers, len(jobs)), mp_context=context,
                              initializer=_worker_start) as pool:
@@ -380,7 +386,9 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     from tqdm import tqdm
 
 
-    torch.set_num_threads(1)
+    # The serial stages (teacher fit, sampling) take the cores the distillations share later: 2 threads fit the
+    # demo's teacher 1.4x faster than one (docs/benchmarks.md); OMP_NUM_THREADS=1 keeps one.
+    torch.set_num_threads(min(torch.get_num_threads(), MAX_THREADS))
     s.check()
     _quiet()
     out = Path(out)

@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-OMP_NUM_THREADS=1 exec "${PDMD_VENV:-.venv}/bin/pdmd" demo "$@"
+# No OMP_NUM_THREADS=1 here: the teacher fit and the sampling use both cores (the distillations one each).
+exec "${PDMD_VENV:-.venv}/bin/pdmd" demo "$@"

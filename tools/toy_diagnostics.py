@@ -35,8 +35,10 @@ def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Pat
     mb._quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = mb.BenchSettings(task_seed=args.task_seed, distill_steps=getattr(args, "distill_steps", 200),
-                         shift=getattr(args, "shift", 5.0))
+    s = mb.BenchSettings(task_seed=args.task_seed)  # `distill`: the bench's defaults unless told otherwise
+    for name in ("distill_steps", "shift"):
+        if getattr(args, name, None) is not None:
+            setattr(s, name, getattr(args, name))
     task = s.task()
     _, embeds, negative, shards = mb.prepare_prompts(out, s)
     exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher_s{args.task_seed}.safetensors")
@@ -142,7 +144,8 @@ def cmd_distill(args) -> None:
     experts = ExportedExperts(exported)
     x, idx, _ = mb.draw(experts.velocity, experts.plan, embeds, s, args.seed)
     _record(args, args.name, evaluate(task, x, idx), seed=args.seed, real=args.real, overrides=args.overrides,
-            oracle_fake=args.oracle_fake, shift=s.shift, seconds=round(time.time() - tic), export=str(exported))
+            oracle_fake=args.oracle_fake, shift=s.shift, distill_steps=s.distill_steps,
+            seconds=round(time.time() - tic), export=str(exported))
 
 
 def _euler(velocity, x, grid):
@@ -220,7 +223,7 @@ def cmd_kd(args) -> None:
 
     s, task, embeds, _, _ = _setup(args)
     net = WanTransformer3DModel.from_pretrained(Path(args.teacher_dir) / "transformer_2")
-    ts = list(few_step_timesteps(s.num_steps, s.shift))[2:] + [0.0]
+    ts = list(few_step_timesteps(s.num_steps, 5.0))[2:] + [0.0]  # Wan's shift-5 phase 2
 
     def ode(x, idx, a, b, n):
         grid = [a + (b - a) * u for u in torch.linspace(0, 1, n + 1).tolist()]
@@ -268,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--method", default="phased_dmd", choices=["phased_dmd", "dmd2_sgts"])
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--real", default="exact", choices=["exact", "trained"], help="the real score")
-    d.add_argument("--distill-steps", type=int, default=200)
-    d.add_argument("--shift", type=float, default=5.0, help="time shift of the student's few-step schedule")
+    d.add_argument("--distill-steps", type=int, help="generator updates (default: the bench's)")
+    d.add_argument("--shift", type=float, help="time shift of the student's few-step schedule (default: the bench's)")
     d.add_argument("--oracle-fake", action="store_true", help="phase 2's fake := a Gaussian fit of the generator")
     d.add_argument("overrides", nargs="*", help="trainer overrides, e.g. method.fake_ratio=5")
     k = sub.choices["kd"]

@@ -27,7 +27,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "t = 1, 0.75, 0.5, 0.25; Wan's 5 leaves more samples between modes: docs/benchmarks.md, issue 17)")
     p.add_argument("--renoise-shift", type=float, help="time shift of the re-noise draws (default 0.5: towards small t, "
                    "where the within-mode width shows; the trainer's own default is the step shift)")
-    p.add_argument("--distill-steps", type=int, help="generator updates per method (default 400)")
+    p.add_argument("--distill-steps", type=int, help="generator updates per method (default 600)")
     p.add_argument("--samples", type=int, help="samples per prompt and method (default 256)")
     p.add_argument("--groups", type=int, help="far-apart mode groups per prompt (default 1; 2: the task where phase 1 "
                                              "matters)")
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="how the teacher network learns: regression on the exact velocity (default) or flow matching")
     p.add_argument("--reference-steps", type=int, help="steps of the converged reference sampler (default 200)")
     p.add_argument("--distill-batch", type=int, dest="batch", help="samples per generator / fake update (default 8)")
-    p.add_argument("--student-lr", type=float, help="student learning rate (default 5e-5)")
+    p.add_argument("--student-lr", type=float, help="student learning rate (default 3e-5)")
     p.add_argument("--fake-lr", type=float, help="fake score learning rate (default 1e-4)")
     p.add_argument("--fake-ratio", type=int, help="fake updates per generator update (default 5)")
     p.add_argument("--workers", type=int, help="distillations run at once, one process and core each (default 2)")

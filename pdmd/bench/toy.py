@@ -83,14 +83,15 @@ class BenchSettings:
     # The students' schedule, re-noise draw and budget (docs/benchmarks.md, issue 17, "Sharp and wide enough"):
     # at shift 1 a 4-step student puts ~90% of its samples inside a mode (shift 5: ~80%) but starts too narrow;
     # it widens to the truth's width with re-noise times drawn towards small t (renoise_shift 0.5: there the
-    # within-mode width shows) and 400 updates at lr 5e-5. Slower steps keep mode shares from drifting (TV): a
-    # higher lr over fewer updates (1e-4 x 200) is narrower and drifts more.
+    # within-mode width shows) and enough updates: lr x updates bounds how far it moves, while the lr alone sets
+    # how far mode shares drift (TV), so many slow steps (600 x 3e-5; 400 x 5e-5 drifts more, 200 x 1e-4 more
+    # still and ends narrower).
     shift: float = 1.0
     renoise_shift: float = 0.5
-    distill_steps: int = 400  # generator updates per method (Phased DMD: split evenly over its phases)
+    distill_steps: int = 600  # generator updates per method (Phased DMD: split evenly over its phases)
     fake_ratio: int = 5  # the paper's; 2 leaves the fake behind (docs/benchmarks.md, issue 17)
     batch: int = 8
-    student_lr: float = 5e-5
+    student_lr: float = 3e-5
     student_lr_decay: str = "linear"  # the recipes' choice: the student ends where its updates average out
     fake_lr: float = 1e-4
     teacher: str = "trained"  # the real score: the teacher network (trained) or the closed form (exact)
@@ -110,7 +111,7 @@ class BenchSettings:
     def demo(cls) -> BenchSettings:
         """`pdmd demo`: 4 prompts, so that the smaller m128 network (8x16x512) passes the teacher gate within
         the demo's budget (on 8 prompts it needs m256 and ~7 min of teacher fitting on 2 cores; the bench's m512 ~21).
-        Its students keep the earlier schedule and budget (DEMO_STUDENTS): the bench's 400 updates do not fit
+        Its students keep the earlier schedule and budget (DEMO_STUDENTS): the bench's 600 updates do not fit
         in the demo's 5 minutes."""
         return cls(prompts=4, wan={**BENCH_WAN, "num_attention_heads": 8, "attention_head_dim": 16, "ffn_dim": 512},
                    **DEMO_STUDENTS)

@@ -397,8 +397,9 @@ def run_benchmark(out: str | Path, s: BenchSettings, progress: bool = True) -> d
     from tqdm import tqdm
 
 
-    # The serial stages (teacher fit, sampling) take the cores the distillations share later: 2 threads fit the
-    # demo's teacher 1.4x faster than one (docs/benchmarks.md); OMP_NUM_THREADS=1 keeps one.
+    # The serial stages (teacher fit, sampling) take the cores the distillations share later: with 2 threads the
+    # demo's teacher fit runs 1.13x and its gate 1.45x faster than with one (docs/benchmarks.md); OMP_NUM_THREADS=1
+    # keeps one.
     torch.set_num_threads(min(torch.get_num_threads(), MAX_THREADS))
     s.check()
     _quiet()

@@ -137,6 +137,30 @@ def test_log_prob_and_posterior_match_torch_distributions() -> None:
     torch.testing.assert_close(t.log_prob(x.flatten(1).float(), idx), torch.stack(expected), rtol=1e-5, atol=1e-5)
 
 
+def test_law_at_time_gives_the_exact_velocity_through_the_score() -> None:
+    """Tweedie: E[eps | x_t] = -t grad log p_t(x_t) and x_t = (1 - t) E[x0 | x_t] + t E[eps | x_t], so the
+    velocity is (-t grad log p_t(x) - x) / (1 - t): ``at_time`` (p_t) and ``velocity`` checked against each
+    other, the gradient by central differences."""
+    t_task = MixtureTask.make(2, 3, [2, 1, 2, 2], seed=3, min_separation=0.3)
+    idx = torch.tensor([0, 1, 0, 1])
+    x = torch.randn(4, 2, 1, 2, 2, generator=_gen(2), dtype=torch.float64)
+    h = 1e-5
+    for t in (0.1, 0.5, 0.9):
+        law = t_task.at_time(t)
+        grad = torch.zeros(4, t_task.dim, dtype=torch.float64)
+        for d in range(t_task.dim):
+            step = torch.zeros(t_task.dim, dtype=torch.float64)
+            step[d] = h
+            up, down = (law.log_prob(x.flatten(1) + sgn * step, idx) for sgn in (1, -1))
+            grad[:, d] = (up - down) / (2 * h)
+        expected = (-t * grad - x.flatten(1)) / (1 - t)
+        torch.testing.assert_close(t_task.velocity(x, t, idx).flatten(1), expected, rtol=1e-6, atol=1e-6)
+    same = t_task.at_time(0.0)
+    assert torch.equal(same.means, t_task.means) and torch.equal(same.stds, t_task.stds)
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\)"):
+        t_task.at_time(1.0)
+
+
 def test_sampled_mode_frequencies_match_weights(task: MixtureTask) -> None:
     n, p = 8000, 1
     x, mode = task.sample(torch.full((n,), p), _gen(2))

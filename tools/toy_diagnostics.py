@@ -6,6 +6,7 @@ the findings, on the same task, trainer, exporter and metrics as `pdmd bench toy
     python tools/toy_diagnostics.py phases   --out DIR --export E --teacher-dir T     # which phase loses what
     python tools/toy_diagnostics.py shape    --out DIR --export E                     # where the extra spread lies
     python tools/toy_diagnostics.py kd       --out DIR --teacher-dir T --steps 3000   # a 2-step map by regression
+    python tools/toy_diagnostics.py commitment [--groups 2]                           # when is a mode decided?
 
 Each prints one line per result and appends it to DIR/diagnostics.jsonl. DIR caches the task's prompts and
 shards (as `pdmd bench toy --out DIR`). Single process, 1 thread; `distill` runs the real `pdmd train`.
@@ -185,6 +186,12 @@ def cmd_phases(args) -> None:
                 "exact flow to t_3 + phase-2 last step": _euler(expert(2), _euler(exact, xe, fine(ts[2], ts[3], 200)), ts[3:]),
                 "teacher steps + phase-2 expert": _euler(expert(2), _euler(net, z, ts[:3]), ts[2:]),
                 "exact flow + 2 exact Euler steps": _euler(exact, xe, ts[2:])}
+        # Phase 1 replaced by the perfect teacher's own few steps (what a student that learnt nothing in phase 1
+        # would do at best), then a perfect or the distilled phase 2: how much of the outcome phase 1 decides.
+        xs = _euler(exact, z, ts[:3])
+        rows |= {"exact Euler steps + exact flow": _euler(exact, xs, fine(ts[2], 0.0, 400)),
+                 "exact Euler steps + phase-2 expert": _euler(expert(2), xs, ts[2:]),
+                 "exact flow throughout": _euler(exact, xe, fine(ts[2], 0.0, 400))}
     for name, x in rows.items():
         _record(args, name, evaluate(task, x, idx), export=args.export)
 
@@ -253,6 +260,29 @@ def cmd_kd(args) -> None:
             teacher_dir=args.teacher_dir, final_loss=round(float(loss), 4))
 
 
+def cmd_commitment(args) -> None:
+    """When is a sample's mode decided? For exact x_t = (1 - t) x0 + t eps, the exact posterior over the prompt's
+    modes (each mode's law at t is N((1 - t) mu, (1 - t)^2 std^2 + t^2)): the share of the mode's entropy it
+    removes and how often its argmax is the true mode, per t (with groups, also the group's). No network."""
+    s = mb.BenchSettings(task_seed=args.task_seed, groups=args.groups)
+    task, gen = s.task(), torch.Generator().manual_seed(0)
+    idx = torch.arange(task.num_prompts).repeat_interleave(args.samples)
+    x0, mode = task.sample(idx, gen, dtype=torch.float64)
+    eps = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    w = task.weights[idx]
+    prior_entropy = float(-(w * w.log()).sum(1).mean())
+    for t in args.t:
+        post = task.at_time(t).posterior((1 - t) * x0 + t * eps, idx)
+        entropy = float(-(post * post.clamp_min(1e-300).log()).sum(1).mean())
+        row = {"t": t, "groups": args.groups, "task_seed": args.task_seed,
+               "mode_information": round(1 - entropy / prior_entropy, 3),
+               "mode_accuracy": round(float((post.argmax(1) == mode).double().mean()), 3)}
+        if args.groups > 1:  # mode m sits in group m % groups
+            group_post = torch.stack([post[:, g::args.groups].sum(1) for g in range(args.groups)], 1)
+            row["group_accuracy"] = round(float((group_post.argmax(1) == mode % args.groups).double().mean()), 3)
+        print(json.dumps(row), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -275,11 +305,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--shift", type=float, help="time shift of the student's few-step schedule (default: the bench's)")
     d.add_argument("--oracle-fake", action="store_true", help="phase 2's fake := a Gaussian fit of the generator")
     d.add_argument("overrides", nargs="*", help="trainer overrides, e.g. method.fake_ratio=5")
+    c = sub.add_parser("commitment")
+    c.add_argument("--task-seed", type=int, default=0)
+    c.add_argument("--groups", type=int, default=1)
+    c.add_argument("--samples", type=int, default=2000, help="per prompt")
+    c.add_argument("--t", type=float, nargs="+", default=[0.95, 0.9, 0.833, 0.75, 0.6, 0.5, 0.4, 0.25])
     k = sub.choices["kd"]
     k.add_argument("--steps", type=int, default=3000)
     k.add_argument("--lr", type=float, default=1e-3)
     args = p.parse_args(argv)
-    {"teacher": cmd_teacher, "distill": cmd_distill, "phases": cmd_phases, "shape": cmd_shape, "kd": cmd_kd}[args.cmd](args)
+    {"teacher": cmd_teacher, "distill": cmd_distill, "phases": cmd_phases, "shape": cmd_shape, "kd": cmd_kd,
+     "commitment": cmd_commitment}[args.cmd](args)
     return 0
 
 

@@ -273,6 +273,13 @@ class MixtureTask:
         """[B] the most probable mode of each sample (argmax of the posterior)."""
         return self.posterior(x, prompt_idx).argmax(-1)
 
+    def at_time(self, t: float) -> MixtureTask:
+        """The law of x_t = (1 - t) x0 + t eps: mode k becomes N((1 - t) mu_k, (1 - t)^2 std_k^2 + t^2), same
+        weights. Its :meth:`posterior` says how far a sample's mode is decided at t (docs/benchmarks.md, issue 17)."""
+        if not 0.0 <= t < 1.0:
+            raise ValueError(f"t must lie in [0, 1); got {t}")
+        return MixtureTask(self.latent_shape, self.weights, self.means * (1 - t), ((1 - t) ** 2 * self.stds**2 + t**2).sqrt())
+
     # --- the exact flow-matching velocity -------------------------------------------------------
     def velocity(self, x: Tensor, t: Tensor | float, prompt_idx: Tensor | None) -> Tensor:
         """E[eps - x0 | x_t = x] under x_t = (1 - t) x0 + t eps, exactly: what a perfect teacher predicts.

@@ -36,13 +36,14 @@ def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Pat
     mb._quiet()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    s = mb.BenchSettings(task_seed=args.task_seed)  # `distill`: the bench's defaults unless told otherwise
+    s = mb.BenchSettings(task_seed=args.task_seed, groups=args.groups)  # the bench's defaults unless told otherwise
     for name in ("distill_steps", "shift"):
         if getattr(args, name, None) is not None:
             setattr(s, name, getattr(args, name))
     task = s.task()
     _, embeds, negative, shards = mb.prepare_prompts(out, s)
-    exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher_s{args.task_seed}.safetensors")
+    groups = "" if s.groups == 1 else f"_g{s.groups}"
+    exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher{groups}_s{args.task_seed}.safetensors")
     return s, task, embeds, shards, exact
 
 
@@ -62,7 +63,8 @@ def cmd_teacher(args) -> None:
     s, task, embeds, _, _ = _setup(args)
     heads, head_dim, ffn = (int(v) for v in args.network.split("x"))
     depth = "" if args.layers == 2 else f"_{args.layers}layers"
-    folder = Path(args.out) / f"teacher_{args.network}{depth}_s{args.task_seed}"
+    groups = "" if s.groups == 1 else f"_g{s.groups}"
+    folder = Path(args.out) / f"teacher_{args.network}{depth}{groups}_s{args.task_seed}"
     shutil.rmtree(folder, ignore_errors=True)
     write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=mb.BOUNDARY, text_dim=UMT5_DIM, num_layers=args.layers,
                              num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=ffn)
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         c = sub.add_parser(name)
         c.add_argument("--out", required=True)
         c.add_argument("--task-seed", type=int, default=0)
+        c.add_argument("--groups", type=int, default=1, help="far-apart mode groups per prompt (as pdmd bench toy)")
         if name in ("distill", "phases", "kd"):
             c.add_argument("--teacher-dir", required=True)
         if name in ("phases", "shape"):

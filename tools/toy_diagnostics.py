@@ -6,7 +6,7 @@ the findings, on the same task, trainer, exporter and metrics as `pdmd bench toy
     python tools/toy_diagnostics.py phases   --out DIR --export E --teacher-dir T     # which phase loses what
     python tools/toy_diagnostics.py shape    --out DIR --export E                     # where the extra spread lies
     python tools/toy_diagnostics.py kd       --out DIR --teacher-dir T --steps 3000   # a 2-step map by regression
-    python tools/toy_diagnostics.py commitment [--groups 2]                           # when is a mode decided?
+    python tools/toy_diagnostics.py commitment [--groups 2]             # when is a mode decided? (prints only)
 
 Each prints one line per result and appends it to DIR/diagnostics.jsonl. DIR caches the task's prompts and
 shards (as `pdmd bench toy --out DIR`). Single process, 1 thread; `distill` runs the real `pdmd train`.

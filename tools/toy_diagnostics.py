@@ -64,7 +64,8 @@ def cmd_teacher(args) -> None:
     heads, head_dim, ffn = (int(v) for v in args.network.split("x"))
     depth = "" if args.layers == 2 else f"_{args.layers}layers"
     groups = "" if s.groups == 1 else f"_g{s.groups}"
-    folder = Path(args.out) / f"teacher_{args.network}{depth}{groups}_s{args.task_seed}"
+    steps = "" if not (args.shared_steps or args.expert_steps) else f"_steps{args.shared_steps}-{args.expert_steps}"
+    folder = Path(args.out) / f"teacher_{args.network}{depth}{groups}{steps}_s{args.task_seed}"
     shutil.rmtree(folder, ignore_errors=True)
     write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=mb.BOUNDARY, text_dim=UMT5_DIM, num_layers=args.layers,
                              num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=ffn)
@@ -74,8 +75,8 @@ def cmd_teacher(args) -> None:
         return task.sample(idx, gen)[0], embeds[idx], idx
 
     tic = time.time()
-    curves = train_flow_teacher(folder, data, FlowTeacherConfig(seed=s.task_seed, shared_steps=s.teacher_shared_steps,
-                                                                expert_steps=s.teacher_expert_steps),
+    shared, expert = args.shared_steps or s.teacher_shared_steps, args.expert_steps or s.teacher_expert_steps
+    curves = train_flow_teacher(folder, data, FlowTeacherConfig(seed=s.task_seed, shared_steps=shared, expert_steps=expert),
                                 boundary=mb.BOUNDARY, exact=lambda x, t, i: task.velocity(x, t, i).float())
     seconds = time.time() - tic
     v = mb.teacher_velocity(folder)
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             c.add_argument("--export", required=True)
     sub.choices["teacher"].add_argument("--network", default="8x32x1024", help="HEADSxHEAD_DIMxFFN")
     sub.choices["teacher"].add_argument("--layers", type=int, default=2, help="transformer blocks (default 2)")
+    sub.choices["teacher"].add_argument("--shared-steps", type=int, help="fit steps on all of t (default: the bench's)")
+    sub.choices["teacher"].add_argument("--expert-steps", type=int, help="fit steps per expert (default: the bench's)")
     d = sub.choices["distill"]
     d.add_argument("--name", default="run")
     d.add_argument("--method", default="phased_dmd", choices=["phased_dmd", "dmd2_sgts"])

@@ -31,6 +31,11 @@ from pdmd.bench.mixture import MixtureTask, evaluate  # noqa: E402
 from pdmd.core.schedule import few_step_timesteps  # noqa: E402
 
 
+def _groups_tag(s: mb.BenchSettings) -> str:
+    """File-name tag of a grouped task (empty for the default one-group task, so its files keep their names)."""
+    return "" if s.groups == 1 else f"_g{s.groups}"
+
+
 def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Path]:
     torch.set_num_threads(1)
     mb._quiet()
@@ -42,8 +47,7 @@ def _setup(args) -> tuple[mb.BenchSettings, MixtureTask, torch.Tensor, Path, Pat
             setattr(s, name, getattr(args, name))
     task = s.task()
     _, embeds, negative, shards = mb.prepare_prompts(out, s)
-    groups = "" if s.groups == 1 else f"_g{s.groups}"
-    exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher{groups}_s{args.task_seed}.safetensors")
+    exact = ExactTeacher(task, embeds, negative).save(out / f"exact_teacher{_groups_tag(s)}_s{args.task_seed}.safetensors")
     return s, task, embeds, shards, exact
 
 
@@ -63,9 +67,10 @@ def cmd_teacher(args) -> None:
     s, task, embeds, _, _ = _setup(args)
     heads, head_dim, ffn = (int(v) for v in args.network.split("x"))
     depth = "" if args.layers == 2 else f"_{args.layers}layers"
-    groups = "" if s.groups == 1 else f"_g{s.groups}"
-    steps = "" if not (args.shared_steps or args.expert_steps) else f"_steps{args.shared_steps}-{args.expert_steps}"
-    folder = Path(args.out) / f"teacher_{args.network}{depth}{groups}{steps}_s{args.task_seed}"
+    shared, expert = args.shared_steps or s.teacher_shared_steps, args.expert_steps or s.teacher_expert_steps
+    budget = (s.teacher_shared_steps, s.teacher_expert_steps)
+    steps = "" if (shared, expert) == budget else f"_steps{shared}-{expert}"
+    folder = Path(args.out) / f"teacher_{args.network}{depth}{_groups_tag(s)}{steps}_s{args.task_seed}"
     shutil.rmtree(folder, ignore_errors=True)
     write_tiny_wan22_teacher(folder, seed=s.task_seed, boundary=mb.BOUNDARY, text_dim=UMT5_DIM, num_layers=args.layers,
                              num_attention_heads=heads, attention_head_dim=head_dim, ffn_dim=ffn)
@@ -75,7 +80,6 @@ def cmd_teacher(args) -> None:
         return task.sample(idx, gen)[0], embeds[idx], idx
 
     tic = time.time()
-    shared, expert = args.shared_steps or s.teacher_shared_steps, args.expert_steps or s.teacher_expert_steps
     curves = train_flow_teacher(folder, data, FlowTeacherConfig(seed=s.task_seed, shared_steps=shared, expert_steps=expert),
                                 boundary=mb.BOUNDARY, exact=lambda x, t, i: task.velocity(x, t, i).float())
     seconds = time.time() - tic
@@ -265,8 +269,8 @@ def cmd_kd(args) -> None:
 
 def cmd_commitment(args) -> None:
     """When is a sample's mode decided? For exact x_t = (1 - t) x0 + t eps, the exact posterior over the prompt's
-    modes (each mode's law at t is N((1 - t) mu, (1 - t)^2 std^2 + t^2)): the share of the mode's entropy it
-    removes and how often its argmax is the true mode, per t (with groups, also the group's). No network."""
+    modes under the law of x_t (`MixtureTask.at_time`): the share of the mode's entropy it removes and how often
+    its argmax is the true mode, per t (with groups, also the group's). No network."""
     s = mb.BenchSettings(task_seed=args.task_seed, groups=args.groups)
     task, gen = s.task(), torch.Generator().manual_seed(0)
     idx = torch.arange(task.num_prompts).repeat_interleave(args.samples)
